@@ -1,0 +1,121 @@
+"""The dense-masked reference: obvious, slow, and the oracle of every test.
+
+Every cell of the FFN is computed and the cells of unselected blocks are masked out, so the
+result is right by construction; autograd supplies the gradients. Never a fast path.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._activations import apply_activation
+
+
+def block_means_ref(
+    keys: torch.Tensor, key_bias: Optional[torch.Tensor], block_size: int
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Mean key and mean key bias of every block, in float32.
+
+    keys: (d_ff, d_model); key_bias: (d_ff,) or None.
+    Returns kbar: (n_blocks, d_model) float32 and bbar: (n_blocks,) float32 or None.
+    """
+    d_ff, d_model = keys.shape
+    kbar = keys.detach().float().view(d_ff // block_size, block_size, d_model).mean(1)
+    bbar = None
+    if key_bias is not None:
+        bbar = key_bias.detach().float().view(d_ff // block_size, block_size).mean(1)
+    return kbar, bbar
+
+
+def block_scores_ref(
+    x: torch.Tensor, kbar: torch.Tensor, bbar: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Avg-K scores ``x . kbar_b + bbar_b`` in float32. x: (T, d_model) -> (T, n_blocks)."""
+    scores = x.detach().float() @ kbar.float().t()
+    if bbar is not None:
+        scores = scores + bbar.float()
+    return scores
+
+
+def select_blocks_ref(
+    x: torch.Tensor, kbar: torch.Tensor, bbar: Optional[torch.Tensor], top_k: int
+) -> torch.Tensor:
+    """The ``top_k`` blocks of largest score per token, best first; ties to the smaller index.
+
+    x: (T, d_model). Returns (T, top_k) int32 block indices.
+    """
+    scores = block_scores_ref(x, kbar, bbar)
+    # A stable descending sort keeps equal scores in ascending index order.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :top_k].to(torch.int32)
+
+
+def block_weights_ref(
+    indices: torch.Tensor, n_blocks: int, gates: Optional[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """(T, n_blocks) weight of every block for every token: the sum over the token's slots
+    that chose the block of the slot's gate (1 without gates). Differentiable in ``gates``."""
+    one_hot = torch.nn.functional.one_hot(indices.long(), n_blocks).to(dtype)  # [T, k, nb]
+    if gates is None:
+        return one_hot.sum(1)
+    return (one_hot * gates.to(dtype).unsqueeze(-1)).sum(1)
+
+
+def block_ffn_ref(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    block_size: int,
+    key_bias: Optional[torch.Tensor] = None,
+    out_bias: Optional[torch.Tensor] = None,
+    gates: Optional[torch.Tensor] = None,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """The block FFN over given block indices, dense-masked.
+
+    ``y_t = sum_j gate[t, j] * sum_{i in block indices[t, j]} act(x_t . k_i + b_i) v_i + out_bias``
+    (a block chosen in two slots counts twice; without gates every gate is 1).
+
+    x: (T, d_model); keys, values: (d_ff, d_model); indices: (T, top_k) integer;
+    key_bias: (d_ff,); out_bias: (d_model,); gates: (T, top_k). Returns (T, d_model) in x's dtype.
+    """
+    d_ff = keys.shape[0]
+    pre = x @ keys.t()  # [T, d_ff]
+    if key_bias is not None:
+        pre = pre + key_bias
+    weight = block_weights_ref(indices, d_ff // block_size, gates, pre.dtype)
+    weight = weight.repeat_interleave(block_size, dim=1)  # [T, d_ff]
+    # Selection comes from the indices alone, so a gate of exactly 0 still passes its gradient.
+    chosen = block_weights_ref(indices, d_ff // block_size, None, torch.float32)
+    selected = chosen.repeat_interleave(block_size, dim=1) > 0
+    # where(), not a product: an unselected cell of a NaN token must stay out of every sum.
+    h = torch.where(selected, apply_activation(pre, activation) * weight, torch.zeros_like(pre))
+    y = h @ values
+    if out_bias is not None:
+        y = y + out_bias
+    return y
+
+
+def sparse_ffn_ref(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    block_size: int,
+    top_k: int,
+    key_bias: Optional[torch.Tensor] = None,
+    out_bias: Optional[torch.Tensor] = None,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """Avg-K selection followed by the dense-masked block FFN. x: (..., d_model) -> same shape."""
+    x2d = x.reshape(-1, x.shape[-1])
+    kbar, bbar = block_means_ref(keys, key_bias, block_size)
+    indices = select_blocks_ref(x2d, kbar, bbar, top_k)
+    y = block_ffn_ref(
+        x2d, keys, values, indices, block_size=block_size, key_bias=key_bias,
+        out_bias=out_bias, activation=activation,
+    )
+    return y.reshape(x.shape)
