@@ -1,2 +1,20 @@
-"""sfnn: fast kernels for block-sparse feed-forward layers selected by Avg-K."""
+"""sfnn: fast kernels for block-sparse feed-forward layers selected by Avg-K.
+
+Avg-K (Liu et al., EMNLP 2023) scores each block of ``block_size`` FFN cells by the token's dot
+product with the block's mean key, keeps the ``top_k`` best blocks and computes only those.
+
+Public API:
+    sparse_ffn      the whole layer, functional form
+    SparseFFN       the nn.Module (``from_dense`` converts two nn.Linear)
+    block_means     kbar/bbar, the per-block mean keys (cached while weights are unchanged)
+    select_blocks   Avg-K selection: (..., top_k) int32 block indices
+    block_ffn       the compute over given block indices, with optional per-slot gates
+"""
+from .functional import block_ffn, block_means, select_blocks, sparse_ffn
+from .module import SparseFFN
+from .ops import BACKENDS
+
 __version__ = "0.1.0"
+
+__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn", "BACKENDS",
+           "__version__"]

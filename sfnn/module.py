@@ -1,0 +1,111 @@
+"""``SparseFFN``: the drop-in Avg-K sparse feed-forward layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from ._activations import ACTIVATIONS
+from .functional import _check_choice, _check_int, sparse_ffn
+
+
+class SparseFFN(nn.Module):
+    """A feed-forward layer ``d_model -> d_ff -> d_model`` that computes, per token, only the
+    ``top_k`` blocks of ``block_size`` cells whose mean key scores highest (Avg-K).
+
+    Parameters (stored row-per-cell so a block is contiguous):
+        keys: (d_ff, d_model), like ``fc1.weight``; values: (d_ff, d_model), like
+        ``fc2.weight.T``; key_bias: (d_ff,); out_bias: (d_model,); both None when
+        ``bias=False``. Initialised as ``nn.Linear`` initialises fc1 and fc2.
+
+    Shapes: input (..., d_model) -> output (..., d_model).
+
+    Example:
+        >>> ffn = sfnn.SparseFFN(512, 8192, block_size=64, top_k=16, activation="gelu")
+        >>> y = ffn(torch.randn(4, 128, 512))
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, block_size: int = 64, top_k: int = 8,
+                 activation: str = "relu", bias: bool = True, backend: str = "auto",
+                 deterministic: bool = False, device=None, dtype=None):
+        super().__init__()
+        _check_int("d_model", d_model)
+        _check_int("d_ff", d_ff)
+        _check_int("block_size", block_size)
+        _check_int("top_k", top_k)
+        if d_ff % block_size:
+            raise ValueError(f"block_size={block_size} must divide d_ff={d_ff}")
+        if top_k > d_ff // block_size:
+            raise ValueError(f"top_k={top_k} must be <= n_blocks = d_ff // block_size = "
+                             f"{d_ff // block_size}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.block_size, self.top_k = block_size, top_k
+        self.activation = _check_choice("activation", activation, ACTIVATIONS)
+        self.backend = _check_choice("backend", backend, ops.BACKENDS)
+        self.deterministic = deterministic
+        factory = {"device": device, "dtype": dtype}
+        self.keys = nn.Parameter(torch.empty(d_ff, d_model, **factory))
+        self.values = nn.Parameter(torch.empty(d_ff, d_model, **factory))
+        if bias:
+            self.key_bias = nn.Parameter(torch.empty(d_ff, **factory))
+            self.out_bias = nn.Parameter(torch.empty(d_model, **factory))
+        else:
+            self.register_parameter("key_bias", None)
+            self.register_parameter("out_bias", None)
+        self.reset_parameters()
+
+    @property
+    def n_blocks(self) -> int:
+        return self.d_ff // self.block_size
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation of fc1 (d_model -> d_ff) and fc2 (d_ff -> d_model):
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases alike."""
+        bound1, bound2 = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_ff)
+        with torch.no_grad():
+            self.keys.uniform_(-bound1, bound1)
+            self.values.uniform_(-bound2, bound2)
+            if self.key_bias is not None:
+                self.key_bias.uniform_(-bound1, bound1)
+                self.out_bias.uniform_(-bound2, bound2)
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, *, block_size: int, top_k: int,
+                   activation: str = "relu", **kwargs) -> "SparseFFN":
+        """A SparseFFN holding copies of a dense FFN's weights: ``act(fc1(x))`` then ``fc2``.
+
+        ``fc1`` must be ``nn.Linear(d_model, d_ff)`` and ``fc2`` ``nn.Linear(d_ff, d_model)``.
+        At ``top_k == d_ff // block_size`` the result equals the dense FFN. A bias missing from
+        either layer stays None here.
+        """
+        if not isinstance(fc1, nn.Linear) or not isinstance(fc2, nn.Linear):
+            raise TypeError("fc1 and fc2 must be nn.Linear")
+        d_ff, d_model = fc1.weight.shape
+        if tuple(fc2.weight.shape) != (d_model, d_ff):
+            raise ValueError(f"fc2 must map d_ff={d_ff} -> d_model={d_model}; got weight "
+                             f"{tuple(fc2.weight.shape)}")
+        w = fc1.weight
+        ffn = cls(d_model, d_ff, block_size=block_size, top_k=top_k, activation=activation,
+                  bias=True, device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            ffn.keys.copy_(fc1.weight)
+            ffn.values.copy_(fc2.weight.t())
+            for name, src in (("key_bias", fc1.bias), ("out_bias", fc2.bias)):
+                if src is None:
+                    setattr(ffn, name, None)
+                else:
+                    getattr(ffn, name).copy_(src)
+        return ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_ffn(x, self.keys, self.values, block_size=self.block_size, top_k=self.top_k,
+                          key_bias=self.key_bias, out_bias=self.out_bias,
+                          activation=self.activation, backend=self.backend,
+                          deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
+                f"top_k={self.top_k}, activation={self.activation!r}, "
+                f"bias={self.key_bias is not None}, backend={self.backend!r}")

@@ -1,0 +1,254 @@
+"""The op layer: backend dispatch, torch.library registration and autograd, in one place.
+
+Every backend provides the same four functions (the backend protocol):
+
+- ``block_means(keys, key_bias, block_size) -> (kbar f32 (n_blocks, d_model), bbar f32 | None)``
+- ``select_blocks(x2d, kbar, bbar, top_k) -> int32 (T, top_k)``
+- ``block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size, activation,
+  save_for_backward, deterministic) -> (y, saved)``
+- ``block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size, activation,
+  deterministic) -> (dx, dkeys, dvalues, dkey_bias | None, dgates | None)``
+
+They receive contiguous tensors with T >= 1. The ops registered here (namespace ``sfnn``) wrap
+them so that ``torch.compile`` traces the layer without graph breaks: ``sfnn::block_means``,
+``sfnn::select_blocks``, ``sfnn::block_ffn`` (with autograd) and ``sfnn::block_ffn_backward``.
+Optional tensors that an op returns are empty tensors when absent (ops cannot return None).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+
+from . import torch_path
+
+Tensor = torch.Tensor
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+# The CUDA extension serves decoding: at most this many tokens under backend="auto".
+CUDA_DECODE_MAX_TOKENS = 15
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    """None when Triton and sfnn's Triton kernels import, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'sfnn[triton]')"
+    try:
+        _triton_backend()
+    except Exception as err:  # noqa: BLE001 - report any import failure to the caller
+        return f"sfnn's Triton kernels failed to import: {type(err).__name__}: {err}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_backend() -> SimpleNamespace:
+    from .triton_kernels import avgk_topk, block_ffn, block_means
+
+    return SimpleNamespace(
+        block_means=block_means.block_means,
+        select_blocks=avgk_topk.avgk_topk,
+        block_ffn_fwd=block_ffn.block_ffn_fwd,
+        block_ffn_bwd=block_ffn.block_ffn_bwd,
+    )
+
+
+def _cuda_ext():
+    from . import cuda_ext
+
+    return cuda_ext
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cuda_backend() -> SimpleNamespace:
+    """The CUDA extension's decode kernels, forward only; block means come from the torch path."""
+    ext = _cuda_ext()
+
+    def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
+                      activation, save_for_backward, deterministic):
+        y = ext.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
+                           block_size=block_size, activation=activation)
+        return y, x2d.new_empty(0)
+
+    def block_ffn_bwd(*args, **kwargs):
+        raise RuntimeError("backend='cuda' is forward-only (decoding); use 'triton' or 'torch' "
+                           "for training")
+
+    return SimpleNamespace(block_means=torch_path.block_means, select_blocks=ext.decode_select,
+                           block_ffn_fwd=block_ffn_fwd, block_ffn_bwd=block_ffn_bwd)
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on tensors of ``device``, else a sentence saying why not."""
+    if backend == "torch" or backend == "reference":
+        return None
+    if backend == "triton":
+        if device.type != "cuda" and not _triton_interpreting():
+            return (f"backend='triton' needs CUDA tensors (got {device.type} tensors); on the CPU "
+                    "set TRITON_INTERPRET=1 before importing sfnn to run the kernels in Triton's "
+                    "interpreter, or use backend='torch'")
+        return triton_import_error()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
+        ext = _cuda_ext()
+        return None if ext.available() else ext.unavailable_reason()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_grad: bool) -> str:
+    """The concrete backend for a call. ``auto``: on CUDA tensors the CUDA extension for a few
+    tokens without gradients when it is built, else Triton when it imports; otherwise torch.
+    An explicit backend that cannot run raises RuntimeError saying why."""
+    if backend == "auto":
+        if device.type == "cuda":
+            if (n_tokens <= CUDA_DECODE_MAX_TOKENS and not needs_grad
+                    and backend_unavailable_reason("cuda", device) is None):
+                return "cuda"
+            if backend_unavailable_reason("triton", device) is None:
+                return "triton"
+        return "torch"
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if backend == "cuda" and needs_grad:
+        raise RuntimeError("backend='cuda' is forward-only (decoding) and a gradient is required; "
+                           "use backend='triton' or 'torch', or call under torch.no_grad()")
+    return backend
+
+
+def _impl(backend: str) -> SimpleNamespace:
+    if backend == "torch":
+        return torch_path  # type: ignore[return-value]
+    if backend == "triton":
+        return _triton_backend()
+    if backend == "cuda":
+        return _cuda_backend()
+    raise ValueError(f"no kernel implementation for backend {backend!r}")
+
+
+def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None or t.numel() == 0 else t
+
+
+def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("sfnn::block_means", mutates_args=())
+def block_means_op(keys: Tensor, key_bias: Optional[Tensor], block_size: int,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """kbar (n_blocks, d_model) f32 and bbar (n_blocks,) f32, empty without key_bias."""
+    kbar, bbar = _impl(backend).block_means(keys.contiguous(), key_bias, block_size)
+    return kbar, (kbar.new_empty(0) if bbar is None else bbar)
+
+
+@block_means_op.register_fake
+def _(keys, key_bias, block_size, backend):
+    n_blocks = keys.shape[0] // block_size
+    kbar = keys.new_empty(n_blocks, keys.shape[1], dtype=torch.float32)
+    bbar = keys.new_empty(n_blocks if key_bias is not None else 0, dtype=torch.float32)
+    return kbar, bbar
+
+
+@torch.library.custom_op("sfnn::select_blocks", mutates_args=())
+def select_blocks_op(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor], top_k: int,
+                     backend: str) -> Tensor:
+    """int32 (T, top_k): each token's top_k blocks by Avg-K score, best first."""
+    if x2d.shape[0] == 0:
+        return x2d.new_empty(0, top_k, dtype=torch.int32)
+    return _impl(backend).select_blocks(x2d.contiguous(), kbar.contiguous(), bbar, top_k)
+
+
+@select_blocks_op.register_fake
+def _(x2d, kbar, bbar, top_k, backend):
+    return x2d.new_empty(x2d.shape[0], top_k, dtype=torch.int32)
+
+
+def _saved_shape(x2d: Tensor, indices: Tensor, block_size: int, save: bool, backend: str):
+    """Shape of the tensor the forward keeps for the backward: the selected pre-activations,
+    (T * top_k, block_size), when saved; the CUDA path keeps nothing."""
+    if not save or backend == "cuda" or x2d.shape[0] == 0:
+        return (0,)
+    return (indices.numel(), block_size)
+
+
+@torch.library.custom_op("sfnn::block_ffn", mutates_args=())
+def block_ffn_op(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
+                 key_bias: Optional[Tensor], out_bias: Optional[Tensor], gates: Optional[Tensor],
+                 block_size: int, activation: str, backend: str, deterministic: bool,
+                 save_for_backward: bool) -> tuple[Tensor, Tensor]:
+    """(y (T, d_model), saved): the block FFN over the given block indices."""
+    T, d_model = x2d.shape
+    if T == 0:
+        y = x2d.new_zeros(0, d_model)
+        return y, x2d.new_empty(0)
+    y, saved = _impl(backend).block_ffn_fwd(
+        x2d.contiguous(), keys.contiguous(), values.contiguous(), indices.contiguous(),
+        key_bias, out_bias, gates, block_size=block_size, activation=activation,
+        save_for_backward=save_for_backward, deterministic=deterministic)
+    return y, saved
+
+
+@block_ffn_op.register_fake
+def _(x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
+      deterministic, save_for_backward):
+    shape = _saved_shape(x2d, indices, block_size, save_for_backward, backend)
+    return x2d.new_empty(x2d.shape), x2d.new_empty(shape)
+
+
+@torch.library.custom_op("sfnn::block_ffn_backward", mutates_args=())
+def block_ffn_backward_op(dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
+                          key_bias: Optional[Tensor], gates: Optional[Tensor], saved: Tensor,
+                          block_size: int, activation: str, backend: str,
+                          deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dkeys, dvalues, dkey_bias, dgates); the last two are empty when absent."""
+    if x2d.shape[0] == 0:
+        dx, dkeys, dvalues = torch.zeros_like(x2d), torch.zeros_like(keys), torch.zeros_like(values)
+        dkb = None if key_bias is None else torch.zeros_like(key_bias)
+        dgates = None if gates is None else torch.zeros_like(gates)
+    else:
+        dx, dkeys, dvalues, dkb, dgates = _impl(backend).block_ffn_bwd(
+            dy.contiguous(), x2d.contiguous(), keys.contiguous(), values.contiguous(),
+            indices.contiguous(), key_bias, gates, saved, block_size=block_size,
+            activation=activation, deterministic=deterministic)
+    return dx, dkeys, dvalues, _empty_if_none(dkb, keys), _empty_if_none(dgates, x2d)
+
+
+@block_ffn_backward_op.register_fake
+def _(dy, x2d, keys, values, indices, key_bias, gates, saved, block_size, activation, backend,
+      deterministic):
+    dkb = keys.new_empty(0) if key_bias is None else torch.empty_like(key_bias)
+    dgates = x2d.new_empty(0) if gates is None else torch.empty_like(gates)
+    return torch.empty_like(x2d), torch.empty_like(keys), torch.empty_like(values), dkb, dgates
+
+
+def _block_ffn_setup_context(ctx, inputs, output):
+    (x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
+     deterministic, _save) = inputs
+    ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1])
+    ctx.config = (block_size, activation, backend, deterministic)
+    ctx.has_out_bias = out_bias is not None
+
+
+def _block_ffn_backward(ctx, dy, _dsaved):
+    x2d, keys, values, indices, key_bias, gates, saved = ctx.saved_tensors
+    block_size, activation, backend, deterministic = ctx.config
+    dx, dkeys, dvalues, dkb, dgates = block_ffn_backward_op(
+        dy, x2d, keys, values, indices, key_bias, gates, saved, block_size, activation, backend,
+        deterministic)
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    dout_bias = dy.sum(0, dtype=acc).to(dy.dtype) if ctx.has_out_bias else None
+    dgates = None if gates is None else dgates.to(gates.dtype)
+    return (dx, dkeys, dvalues, None, _none_if_empty(dkb) if key_bias is not None else None,
+            dout_bias, dgates, None, None, None, None, None)
+
+
+block_ffn_op.register_autograd(_block_ffn_backward, setup_context=_block_ffn_setup_context)
