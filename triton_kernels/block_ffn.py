@@ -1,0 +1,508 @@
+"""Fused block-FFN forward and backward over given block indices (Triton).
+
+``y_t = sum_j gate[t, j] * sum_{i in block indices[t, j]} act(x_t . k_i + b_i) v_i + out_bias``
+
+Work is split into (block, tile of that block's pairs) programs. The pairs ``p = t * top_k + j``
+are sorted by block on the device (``routing.py``); a program finds its tile itself, gathers its
+tokens' rows of x straight from the index (no padded copy; only the last tile of a block is
+partial, and masked), and keeps ``H = act(X_b K_b^T + b_b)`` (``BLOCK_T x G``, G = block size
+rounded up to a power of two >= 16, the extra cells masked) on chip for the second GEMM
+``H V_b``, which it runs chunk by chunk over d_model. Any block size 1..256 works; the tile
+height ``BLOCK_T`` >= 64 keeps sm_90 on the wgmma (HGMMA) path.
+
+The combine (summing each token's ``top_k`` partial outputs):
+
+- default (``deterministic=False``, ``top_k > 1``): every program adds its fp32 partial rows
+  into one fp32 ``(T, d_model)`` buffer with ``atomic_add`` (initialised with ``out_bias``),
+  then the buffer is cast to the output dtype (for fp32 inputs the buffer is the output).
+  Cost: ``T * top_k * d_model`` fp32 atomic read-modify-writes, resolved in L2 (8 bytes of L2
+  traffic per element, against ``4 * g`` FLOPs per element of the pair's GEMMs), plus one
+  ``T * d_model`` fp32 read and output write for the cast; extra memory one fp32 ``(T, d)``.
+  The summation order depends on scheduling, so results may differ in the last bits.
+- ``deterministic=True`` (and always when ``top_k == 1``): the pairs are sorted by
+  (slot, block) and the kernel is launched once per slot. Within one slot every token occurs
+  once, so no two programs touch the same row: slot 0 stores its partial, the middle slots load,
+  add and store, and the last slot adds ``out_bias`` and writes the output in its dtype. The
+  sum is always taken in slot order: bitwise repeatable, no float atomics. Cost: the same
+  ``8 * T * top_k * d_model`` bytes of fp32 accumulator traffic (through L2/HBM instead of L2
+  atomics), ``top_k`` launches, and smaller tiles (a block's weights are read once per slot
+  that chose it, not once per block). Neither mode writes a ``(T * top_k, d_model)`` partial
+  buffer (9 GB in fp32 at 70k tokens, d 4096, top_k 8).
+
+The backward scatters ``dx`` with the same two schemes.
+
+Recompute or store: the forward stores the pre-activation ``A = X_b K_b^T + b_b`` of every
+pair (``(T * top_k, g)`` in x's dtype, indexed by pair id) when ``save_for_backward``. Reading
+it back costs ``2 * g`` bytes per pair (bf16) where recomputing costs ``2 * d_model * g`` FLOPs
+and re-reading the keys; at d_model 4096 on an H200 the recompute takes about 10x longer than
+the load. The memory is ``top_k * g / d_ff`` of what a dense FFN's saved activation takes.
+``A`` (not ``H``) is kept because ``act'`` needs the pre-activation for gelu and silu. When
+``saved`` is empty the backward recomputes ``A`` instead.
+
+The backward runs two kernels: ``_block_ffn_bwd_kernel`` (per tile, like the forward) forms
+``dH = dY V_b^T``, ``dgate = rowsum(H * dH)``, ``dA = gate * dH * act'(A)`` and ``gH = gate * H``,
+writes ``dA`` and ``gH`` (in the input dtype, per sorted row) and scatters ``dX = dA K_b``;
+``_block_ffn_bwd_dw_kernel`` (groupXtY: one program per (block, d_model chunk), looping over
+all of the block's rows in a fixed order) forms ``dK_b^T = X^T dA``, ``dV_b^T = dY^T gH`` and
+``db_b = colsum(dA)`` with no atomics and writes zeros for blocks nobody chose.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from sfnn._activations import ACTIVATIONS
+
+from ._common import TRITON_DTYPE_NAMES, AOTSpec, dot_precision
+from .routing import _find_tile, max_tiles, route
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_SCHED_CHUNK = 256
+_MAX_G = 256
+# Triton's interpreter (3.6 and 3.9) multiplies bf16 dot operands as their raw uint16 bits; under
+# it, and only there, bf16 operands are upcast to fp32 before tl.dot (see _dot).
+_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if _UPCAST_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _act(a, ACT: tl.constexpr):
+    if ACT == "relu":
+        h = tl.maximum(a, 0.0)
+    elif ACT == "gelu":
+        h = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
+    else:
+        h = a * tl.sigmoid(a)
+    return h
+
+
+@triton.jit
+def _act_grad(a, ACT: tl.constexpr):
+    if ACT == "relu":
+        d = tl.where(a > 0.0, 1.0, 0.0)
+    elif ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476))
+        d = cdf + a * tl.exp(-0.5 * a * a) * 0.3989422804014327
+    else:
+        s = tl.sigmoid(a)
+        d = s * (1.0 + a * (1.0 - s))
+    return d
+
+
+@triton.jit
+def _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+            DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+            G: tl.constexpr):
+    """X_rows K_cells^T in fp32: [BLOCK_T, G]."""
+    acc = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + tl.arange(0, BLOCK_K)
+        dmask = dk < D
+        b_x = tl.load(x_ptr + tok[:, None] * stride_x + dk[None, :],
+                      mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
+        b_k = tl.load(keys_ptr + cells[None, :] * stride_k + dk[:, None],
+                      mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_K, G]
+        acc = _dot(b_x, b_k, acc, DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, D, stride_out,
+                     HAS_OB: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
+                     LAST: tl.constexpr):
+    """Adds fp32 partial rows [BLOCK_T, BLOCK_D] into the token rows (see the combine)."""
+    m = rmask[:, None] & dmask[None, :]
+    p_acc = acc_ptr + tok[:, None] * D + dn[None, :]
+    if ATOMIC:
+        tl.atomic_add(p_acc, b_out, mask=m)
+    else:
+        if not FIRST:
+            b_out += tl.load(p_acc, mask=m, other=0.0)
+        if LAST:
+            if HAS_OB:
+                b_out += tl.load(ob_ptr + dn, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            p_out = out_ptr + tok[:, None] * stride_out + dn[None, :]
+            tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
+        else:
+            tl.store(p_acc, b_out, mask=m)
+
+
+def _configs(kind: str) -> list:
+    """Tuning configs of one kernel kind ("fwd", "bwd", "dw"); one config under the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4,
+                              num_stages=1)]
+    if kind == "dw":
+        shapes = [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 8, 4)]
+        return [triton.Config({"BLOCK_T": bt, "BLOCK_K": 0, "BLOCK_D": bd}, num_warps=w,
+                              num_stages=s) for bt, bd, w, s in shapes]
+    shapes = [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
+              (64, 32, 64, 8, 4), (128, 64, 128, 8, 2)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w,
+                          num_stages=s) for bt, bk, bd, w, s in shapes]
+
+
+def _fits(kind: str, cfg, G: int, elem: int) -> bool:
+    """Register and shared-memory estimate of one config at padded block size G.
+
+    Registers: the fp32 accumulators held across a loop, per thread, must stay <= 128 (the
+    compiled check with ``cuobjdump`` confirms no spills). Shared memory: the pipelined operand
+    tiles must stay within 160 KB (sm_80 allows 163 KB, sm_90 228 KB).
+    """
+    kw = cfg.kwargs
+    bt, bk, bd = kw["BLOCK_T"], kw["BLOCK_K"], kw["BLOCK_D"]
+    threads = 32 * cfg.num_warps
+    s = cfg.num_stages
+    if kind == "fwd":
+        regs = (bt * G * 1.5 + bt * bd) / threads
+        smem = s * (bt * bk + bk * G) * elem + s * G * bd * elem + bt * G * elem
+    elif kind == "bwd":
+        regs = (bt * G * 2.5 + bt * bd) / threads
+        smem = s * (bt * bd + bd * G) * elem + s * G * bd * elem + bt * G * elem
+    else:
+        regs = (bd * G) / threads + 16
+        smem = s * (bd * bt + bt * G) * elem
+    return regs <= 128 and smem <= 160 * 1024
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        G = kwargs.get("G", named_args.get("G"))
+        x = named_args.get("x_ptr")
+        elem = x.element_size() if hasattr(x, "element_size") else 2
+        kept = [c for c in configs if _fits(kind, c, G, elem)]
+        if not kept:  # never empty: the smallest config
+            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * (c.kwargs["BLOCK_D"] + G))]
+        return kept
+    return prune
+
+
+@triton.autotune(configs=_configs("fwd"), key=["D", "G", "ACT", "GATED", "SAVE_A"],
+                 prune_configs_by={"early_config_prune": _pruner("fwd")},
+                 restore_value=["acc_ptr", "y_ptr"])
+@triton.jit(do_not_specialize=["seg_base"])
+def _block_ffn_fwd_kernel(
+    x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, ob_ptr, order_ptr, seg_off_ptr, a_ptr,
+    acc_ptr, y_ptr,
+    D, top_k, n_blocks, seg_base,
+    stride_x, stride_k, stride_v, stride_y,
+    BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
+    HAS_OB: tl.constexpr, GATED: tl.constexpr, SAVE_A: tl.constexpr, ATOMIC: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
+    if found == 0:
+        return
+    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    rmask = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    tok = pair // top_k
+    o_c = tl.arange(0, G)
+    cmask = o_c < BS
+    cells = i_b.to(tl.int64) * BS + o_c  # [G]
+
+    b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+                  DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
+    if HAS_KB:
+        b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if SAVE_A:
+        tl.store(a_ptr + pair[:, None] * BS + o_c[None, :], b_a.to(a_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+    b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0).to(values_ptr.dtype.element_ty)
+    if GATED:
+        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
+
+    for d0 in range(0, D, BLOCK_D):
+        dn = d0 + tl.arange(0, BLOCK_D)
+        dmask = dn < D
+        b_v = tl.load(values_ptr + cells[:, None] * stride_v + dn[None, :],
+                      mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
+        b_y = _dot(b_h, b_v, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
+        if GATED:
+            b_y = b_y * b_g[:, None]
+        _accumulate_rows(b_y, tok, rmask, dn, dmask, acc_ptr, y_ptr, ob_ptr, D, stride_y,
+                         HAS_OB, ATOMIC, FIRST, LAST)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["D", "G", "ACT", "GATED", "LOAD_A"],
+                 prune_configs_by={"early_config_prune": _pruner("bwd")},
+                 restore_value=["acc_ptr", "dx_ptr"])
+@triton.jit(do_not_specialize=["seg_base"])
+def _block_ffn_bwd_kernel(
+    x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, dy_ptr, a_ptr, order_ptr, seg_off_ptr,
+    da_ptr, gh_ptr, dgates_ptr, acc_ptr, dx_ptr,
+    D, top_k, n_blocks, seg_base,
+    stride_x, stride_k, stride_v, stride_dy, stride_dx,
+    BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
+    GATED: tl.constexpr, LOAD_A: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
+    LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
+    if found == 0:
+        return
+    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    rmask = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    tok = pair // top_k
+    o_c = tl.arange(0, G)
+    cmask = o_c < BS
+    cells = i_b.to(tl.int64) * BS + o_c  # [G]
+    m_rc = rmask[:, None] & cmask[None, :]
+
+    if LOAD_A:
+        b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
+                      other=0.0).to(tl.float32)  # [BLOCK_T, G]
+    else:
+        b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+                      DOT_PREC, BLOCK_T, BLOCK_K, G)
+        if HAS_KB:
+            b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+    b_dh = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dn = d0 + tl.arange(0, BLOCK_D)
+        dmask = dn < D
+        b_dy = tl.load(dy_ptr + tok[:, None] * stride_dy + dn[None, :],
+                       mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+        b_vt = tl.load(values_ptr + cells[None, :] * stride_v + dn[:, None],
+                       mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, G]
+        b_dh = _dot(b_dy, b_vt, b_dh, DOT_PREC)
+
+    b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0)
+    if GATED:
+        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
+        tl.store(dgates_ptr + pair, tl.sum(b_h * b_dh, 1), mask=rmask)
+        b_dh = b_dh * b_g[:, None]
+        b_h = b_h * b_g[:, None]
+    b_da = tl.where(cmask[None, :], b_dh * _act_grad(b_a, ACT), 0.0)
+    p_rows = rows.to(tl.int64)[:, None] * BS + o_c[None, :]
+    b_da = b_da.to(da_ptr.dtype.element_ty)
+    tl.store(da_ptr + p_rows, b_da, mask=m_rc)
+    tl.store(gh_ptr + p_rows, b_h.to(gh_ptr.dtype.element_ty), mask=m_rc)
+
+    for d0 in range(0, D, BLOCK_D):
+        dn = d0 + tl.arange(0, BLOCK_D)
+        dmask = dn < D
+        b_k = tl.load(keys_ptr + cells[:, None] * stride_k + dn[None, :],
+                      mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
+        b_dx = _dot(b_da, b_k, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
+        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, D, stride_dx,
+                         False, ATOMIC, FIRST, LAST)
+
+
+@triton.autotune(configs=_configs("dw"), key=["D", "G"],
+                 prune_configs_by={"early_config_prune": _pruner("dw")})
+@triton.jit
+def _block_ffn_bwd_dw_kernel(
+    x_ptr, buf_ptr, order_ptr, seg_off_ptr, out_ptr, dkb_ptr,
+    D, top_k, n_blocks, n_slots,
+    stride_x, stride_out,
+    BS: tl.constexpr, G: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """groupXtY: ``out[block b, :, chunk]^T = sum over b's rows  X[tok(row), chunk]^T buf[row]``
+    (X = x, buf = dA for dkeys; X = dy, buf = gate * H for dvalues). With ``HAS_KB`` the
+    chunk-0 programs also write ``dkb[b] = colsum(buf)``. Rows are visited in sorted order."""
+    i_b = tl.program_id(0)
+    i_d = tl.program_id(1)
+    dn = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = dn < D
+    o_c = tl.arange(0, G)
+    cmask = o_c < BS
+    acc = tl.zeros([BLOCK_D, G], dtype=tl.float32)
+    b_db = tl.zeros([G], dtype=tl.float32)
+    for j in range(0, n_slots):
+        seg = j * n_blocks + i_b
+        start = tl.load(seg_off_ptr + seg)
+        end = tl.load(seg_off_ptr + seg + 1)
+        for r0 in range(start, end, BLOCK_T):
+            rows = r0 + tl.arange(0, BLOCK_T)
+            rmask = rows < end
+            tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64) // top_k
+            b_xt = tl.load(x_ptr + tok[None, :] * stride_x + dn[:, None],
+                           mask=rmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
+            b_buf = tl.load(buf_ptr + rows.to(tl.int64)[:, None] * BS + o_c[None, :],
+                            mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, G]
+            acc = _dot(b_xt, b_buf, acc, DOT_PREC)
+            if HAS_KB:
+                b_db += tl.sum(b_buf.to(tl.float32), 0)
+    cells = i_b.to(tl.int64) * BS + o_c
+    tl.store(out_ptr + cells[None, :] * stride_out + dn[:, None],
+             acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :] & dmask[:, None])
+    if HAS_KB:
+        if i_d == 0:
+            tl.store(dkb_ptr + cells, b_db.to(dkb_ptr.dtype.element_ty), mask=cmask)
+
+
+def _padded_block(block_size: int) -> int:
+    if not 1 <= block_size <= _MAX_G:
+        raise ValueError(f"block_size must be in [1, {_MAX_G}] for the Triton block FFN, "
+                         f"got {block_size}")
+    return max(16, triton.next_power_of_2(block_size))
+
+
+def _check(x2d, keys, values, indices, key_bias, gates, block_size, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x2d.dim() != 2 or keys.dim() != 2 or keys.shape != values.shape:
+        raise ValueError(f"x2d (T, d), keys and values (d_ff, d) expected, got x2d "
+                         f"{tuple(x2d.shape)}, keys {tuple(keys.shape)}, values "
+                         f"{tuple(values.shape)}")
+    if keys.shape[1] != x2d.shape[1]:
+        raise ValueError(f"keys {tuple(keys.shape)} do not match x2d {tuple(x2d.shape)}")
+    if keys.dtype != x2d.dtype or values.dtype != x2d.dtype:
+        raise TypeError(f"x2d, keys and values must share a dtype, got {x2d.dtype}, "
+                        f"{keys.dtype}, {values.dtype}")
+    if keys.shape[0] % block_size:
+        raise ValueError(f"block_size {block_size} does not divide d_ff {keys.shape[0]}")
+    if indices.dtype != torch.int32 or indices.dim() != 2 or indices.shape[0] != x2d.shape[0]:
+        raise ValueError(f"indices must be int32 (T, top_k), got {indices.dtype} "
+                         f"{tuple(indices.shape)}")
+    if gates is not None and (gates.dtype != torch.float32 or gates.shape != indices.shape):
+        raise ValueError(f"gates must be float32 {tuple(indices.shape)}, got {gates.dtype} "
+                         f"{tuple(gates.shape)}")
+    if key_bias is not None and key_bias.shape != (keys.shape[0],):
+        raise ValueError(f"key_bias must be ({keys.shape[0]},), got {tuple(key_bias.shape)}")
+    for name, t in (("x2d", x2d), ("keys", keys), ("values", values), ("indices", indices)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
+                  activation, save_for_backward, deterministic):
+    """Block FFN forward over ``indices``.
+
+    x2d: (T, d) fp32/fp16/bf16, T >= 1; keys, values: (d_ff, d) same dtype; indices: int32
+    (T, top_k); key_bias (d_ff,) / out_bias (d,) / gates float32 (T, top_k) or None.
+    Returns ``(y (T, d) in x's dtype, saved)``; ``saved`` is the pre-activation
+    ``(T * top_k, block_size)`` in x's dtype when ``save_for_backward``, else ``torch.empty(0)``.
+
+    Example::
+
+        y, saved = block_ffn_fwd(x, keys, values, idx, None, None, None, block_size=64,
+                                 activation="relu", save_for_backward=True, deterministic=False)
+    """
+    _check(x2d, keys, values, indices, key_bias, gates, block_size, activation)
+    G = _padded_block(block_size)
+    T, D = x2d.shape
+    top_k = indices.shape[1]
+    n_blocks = keys.shape[0] // block_size
+    dtype = x2d.dtype
+    by_slot = deterministic or top_k == 1
+    routing = route(indices, n_blocks, by_slot=by_slot)
+    saved = (torch.empty((T * top_k, block_size), device=x2d.device, dtype=dtype)
+             if save_for_backward else torch.empty(0, device=x2d.device, dtype=dtype))
+    if by_slot:
+        y = torch.empty_like(x2d)
+        acc = y if dtype == torch.float32 or top_k == 1 else torch.empty(
+            (T, D), device=x2d.device, dtype=torch.float32)
+    else:
+        if out_bias is not None:
+            acc = out_bias.float().expand(T, D).contiguous()
+        else:
+            acc = torch.zeros((T, D), device=x2d.device, dtype=torch.float32)
+        y = acc
+    common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
+                  HAS_OB=out_bias is not None, GATED=gates is not None,
+                  SAVE_A=bool(save_for_backward), ATOMIC=not by_slot,
+                  DOT_PREC=dot_precision(dtype), CHUNK=_SCHED_CHUNK)
+    args = (x2d, keys, values, key_bias if key_bias is not None else x2d,
+            gates if gates is not None else x2d, out_bias if out_bias is not None else x2d,
+            routing.order, routing.seg_offsets, saved, acc, y)
+    n_launch = top_k if by_slot else 1
+    pairs = T if by_slot else T * top_k
+    grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
+    for j in range(n_launch):
+        _block_ffn_fwd_kernel[grid](
+            *args, D, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
+            values.stride(0), y.stride(0),
+            FIRST=j == 0, LAST=j == n_launch - 1, **common)
+    if not by_slot and dtype != torch.float32:
+        y = acc.to(dtype)
+    return y, saved
+
+
+def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size,
+                  activation, deterministic):
+    """Block FFN backward: ``(dx, dkeys, dvalues, dkey_bias | None, dgates float32 | None)``.
+
+    dy: (T, d) contiguous in x's dtype; ``saved`` is the forward's second output (the
+    pre-activation, or an empty tensor to recompute it). The gradient of ``out_bias`` is the
+    caller's (``dy.sum(0)``).
+    """
+    _check(x2d, keys, values, indices, key_bias, gates, block_size, activation)
+    if dy.shape != x2d.shape or dy.dtype != x2d.dtype or not dy.is_contiguous():
+        raise ValueError(f"dy must be contiguous {tuple(x2d.shape)} {x2d.dtype}, got "
+                         f"{tuple(dy.shape)} {dy.dtype}")
+    G = _padded_block(block_size)
+    T, D = x2d.shape
+    top_k = indices.shape[1]
+    n_blocks = keys.shape[0] // block_size
+    dtype = x2d.dtype
+    load_a = saved.numel() > 0
+    if load_a and saved.shape != (T * top_k, block_size):
+        raise ValueError(f"saved must be ({T * top_k}, {block_size}) or empty, got "
+                         f"{tuple(saved.shape)}")
+    by_slot = deterministic or top_k == 1
+    routing = route(indices, n_blocks, by_slot=by_slot)
+    dev = x2d.device
+    da = torch.empty((T * top_k, block_size), device=dev, dtype=dtype)
+    gh = torch.empty((T * top_k, block_size), device=dev, dtype=dtype)
+    dgates = torch.empty((T, top_k), device=dev, dtype=torch.float32) if gates is not None \
+        else None
+    if by_slot:
+        dx = torch.empty_like(x2d)
+        acc = dx if dtype == torch.float32 or top_k == 1 else torch.empty(
+            (T, D), device=dev, dtype=torch.float32)
+    else:
+        acc = torch.zeros((T, D), device=dev, dtype=torch.float32)
+        dx = acc
+    prec = dot_precision(dtype)
+    common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
+                  GATED=gates is not None, LOAD_A=load_a, ATOMIC=not by_slot, DOT_PREC=prec,
+                  CHUNK=_SCHED_CHUNK)
+    args = (x2d, keys, values, key_bias if key_bias is not None else x2d,
+            gates if gates is not None else x2d, dy, saved if load_a else x2d,
+            routing.order, routing.seg_offsets, da, gh,
+            dgates if dgates is not None else x2d, acc, dx)
+    n_launch = top_k if by_slot else 1
+    pairs = T if by_slot else T * top_k
+    grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
+    for j in range(n_launch):
+        _block_ffn_bwd_kernel[grid](
+            *args, D, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
+            values.stride(0), dy.stride(0), dx.stride(0),
+            FIRST=j == 0, LAST=j == n_launch - 1, **common)
+    if not by_slot and dtype != torch.float32:
+        dx = acc.to(dtype)
+
+    dkeys = torch.empty_like(keys)
+    dvalues = torch.empty_like(values)
+    dkey_bias = torch.empty_like(key_bias) if key_bias is not None else None
+    n_slots = top_k if by_slot else 1
+    grid_w = lambda meta: (n_blocks, triton.cdiv(D, meta["BLOCK_D"]))
+    _block_ffn_bwd_dw_kernel[grid_w](
+        x2d, da, routing.order, routing.seg_offsets, dkeys,
+        dkey_bias if dkey_bias is not None else dkeys,
+        D, top_k, n_blocks, n_slots, x2d.stride(0), dkeys.stride(0),
+        BS=block_size, G=G, HAS_KB=key_bias is not None, DOT_PREC=prec)
+    _block_ffn_bwd_dw_kernel[grid_w](
+        dy, gh, routing.order, routing.seg_offsets, dvalues, dvalues,
+        D, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
+        BS=block_size, G=G, HAS_KB=False, DOT_PREC=prec)
+    return dx, dkeys, dvalues, dkey_bias, dgates
