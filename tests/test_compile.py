@@ -1,0 +1,66 @@
+"""torch.library registration: opcheck on every op, torch.compile(fullgraph=True) end to end."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _cases import make_problem
+
+import sfnn
+from sfnn import ops
+from sfnn.reference import sparse_ffn_ref
+from sfnn.testing import assert_close
+
+
+def _backends():
+    return ["torch"] + (["triton"] if ops.triton_import_error() is None else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_opcheck_registered_ops(backend):
+    x, keys, values, kb, ob = make_problem(12, 16, 64)
+    kbar, bbar = ops.block_means_op(keys, kb, 16, backend)
+    torch.library.opcheck(ops.block_means_op, (keys, kb, 16, backend))
+    torch.library.opcheck(ops.block_means_op, (keys, None, 16, backend))
+    torch.library.opcheck(ops.select_blocks_op, (x, kbar, bbar, 3, backend))
+    idx = ops.select_blocks_op(x, kbar, bbar, 3, backend)
+    gates = torch.rand(12, 3)
+    for gate in (None, gates):
+        args = (x, keys, values, idx, kb, ob, gate, 16, "gelu", backend, False, True)
+        torch.library.opcheck(ops.block_ffn_op, args)
+    xg = x.clone().requires_grad_()
+    args = (xg, keys.clone().requires_grad_(), values, idx, kb, ob, gates.clone().requires_grad_(),
+            16, "silu", backend, False, True)
+    torch.library.opcheck(ops.block_ffn_op, args)
+    y, saved = ops.block_ffn_op(x, keys, values, idx, kb, ob, gates, 16, "relu", backend, False,
+                                True)
+    torch.library.opcheck(ops.block_ffn_backward_op,
+                          (torch.randn_like(y), x, keys, values, idx, kb, gates, saved, 16, "relu",
+                           backend, False))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, activation="gelu", backend="torch")
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 16, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    ref_x = x.detach().clone().requires_grad_()
+    ref = sparse_ffn_ref(ref_x, ffn.keys, ffn.values, block_size=16, top_k=2,
+                         key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="gelu")
+    ref.sum().backward()
+    assert_close(y, ref, name="y")
+    assert_close(x.grad, ref_x.grad, name="dx")
+    # a new token count reuses the graph (dynamic shapes) or recompiles, never breaks
+    compiled(torch.randn(5, 16)).sum().backward()
+
+
+def test_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    ffn = sfnn.SparseFFN(16, 48, block_size=8, top_k=3, backend="torch")
+    compiled = torch.compile(ffn, fullgraph=True)
+    x = torch.randn(11, 16, requires_grad=True)
+    y = compiled(x)
+    y.pow(2).sum().backward()
+    assert_close(y, ffn(x.detach()), name="y")
+    assert ffn.keys.grad is not None and x.grad is not None
