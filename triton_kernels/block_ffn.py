@@ -101,14 +101,14 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+def _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
             DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
             G: tl.constexpr):
     """X_rows K_cells^T in fp32: [BLOCK_T, G]."""
     acc = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_K):
+    for d0 in range(0, d_model, BLOCK_K):
         dk = d0 + tl.arange(0, BLOCK_K)
-        dmask = dk < D
+        dmask = dk < d_model
         b_x = tl.load(x_ptr + tok[:, None] * stride_x + dk[None, :],
                       mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
         b_k = tl.load(keys_ptr + cells[None, :] * stride_k + dk[:, None],
@@ -118,14 +118,14 @@ def _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
 
 
 @triton.jit
-def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, D, stride_out,
+def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, d_model, stride_out,
                      HAS_OB: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
                      LAST: tl.constexpr):
     """Adds fp32 partial rows [BLOCK_T, BLOCK_D] into the token rows (see the combine)."""
     m = rmask[:, None] & dmask[None, :]
-    p_acc = acc_ptr + tok[:, None] * D + dn[None, :]
+    p_acc = acc_ptr + tok[:, None] * d_model + dn[None, :]
     if ATOMIC:
-        tl.atomic_add(p_acc, b_out, mask=m)
+        tl.atomic_add(p_acc, b_out, mask=m, sem="relaxed")
     else:
         if not FIRST:
             b_out += tl.load(p_acc, mask=m, other=0.0)
@@ -138,9 +138,14 @@ def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, D, 
             tl.store(p_acc, b_out, mask=m)
 
 
-def _configs(kind: str) -> list:
-    """Tuning configs of one kernel kind ("fwd", "bwd", "dw"); one config under the interpreter."""
-    if _INTERPRET:
+def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
+    """Tuning configs of one kernel kind ("fwd", "bwd", "dw"); one config under the interpreter.
+
+    GPU tiles: the token tile (M of the fwd/bwd GEMMs) and the d_model chunk (M of the dW
+    GEMMs) are >= 64 so sm_90 runs them as wgmma; the prune step drops configs whose
+    accumulators or pipelined tiles do not fit at the padded block size G (see _fits).
+    """
+    if interpret:
         return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4,
                               num_stages=1)]
     if kind == "dw":
@@ -148,7 +153,7 @@ def _configs(kind: str) -> list:
         return [triton.Config({"BLOCK_T": bt, "BLOCK_K": 0, "BLOCK_D": bd}, num_warps=w,
                               num_stages=s) for bt, bd, w, s in shapes]
     shapes = [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
-              (64, 32, 64, 8, 4), (128, 64, 128, 8, 2)]
+              (64, 32, 64, 8, 2), (128, 64, 128, 8, 2), (64, 32, 32, 8, 2)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w,
                           num_stages=s) for bt, bk, bd, w, s in shapes]
 
@@ -188,14 +193,14 @@ def _pruner(kind: str):
     return prune
 
 
-@triton.autotune(configs=_configs("fwd"), key=["D", "G", "ACT", "GATED", "SAVE_A"],
+@triton.autotune(configs=_configs("fwd"), key=["d_model", "G", "ACT", "GATED", "SAVE_A"],
                  prune_configs_by={"early_config_prune": _pruner("fwd")},
                  restore_value=["acc_ptr", "y_ptr"])
 @triton.jit(do_not_specialize=["seg_base"])
 def _block_ffn_fwd_kernel(
     x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, ob_ptr, order_ptr, seg_off_ptr, a_ptr,
     acc_ptr, y_ptr,
-    D, top_k, n_blocks, seg_base,
+    d_model, top_k, n_blocks, seg_base,
     stride_x, stride_k, stride_v, stride_y,
     BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
     HAS_OB: tl.constexpr, GATED: tl.constexpr, SAVE_A: tl.constexpr, ATOMIC: tl.constexpr,
@@ -214,7 +219,7 @@ def _block_ffn_fwd_kernel(
     cmask = o_c < BS
     cells = i_b.to(tl.int64) * BS + o_c  # [G]
 
-    b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+    b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
                   DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
     if HAS_KB:
         b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -225,26 +230,26 @@ def _block_ffn_fwd_kernel(
     if GATED:
         b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
 
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, d_model, BLOCK_D):
         dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < D
+        dmask = dn < d_model
         b_v = tl.load(values_ptr + cells[:, None] * stride_v + dn[None, :],
                       mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
         b_y = _dot(b_h, b_v, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
         if GATED:
             b_y = b_y * b_g[:, None]
-        _accumulate_rows(b_y, tok, rmask, dn, dmask, acc_ptr, y_ptr, ob_ptr, D, stride_y,
+        _accumulate_rows(b_y, tok, rmask, dn, dmask, acc_ptr, y_ptr, ob_ptr, d_model, stride_y,
                          HAS_OB, ATOMIC, FIRST, LAST)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["D", "G", "ACT", "GATED", "LOAD_A"],
+@triton.autotune(configs=_configs("bwd"), key=["d_model", "G", "ACT", "GATED", "LOAD_A"],
                  prune_configs_by={"early_config_prune": _pruner("bwd")},
                  restore_value=["acc_ptr", "dx_ptr"])
 @triton.jit(do_not_specialize=["seg_base"])
 def _block_ffn_bwd_kernel(
     x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, dy_ptr, a_ptr, order_ptr, seg_off_ptr,
     da_ptr, gh_ptr, dgates_ptr, acc_ptr, dx_ptr,
-    D, top_k, n_blocks, seg_base,
+    d_model, top_k, n_blocks, seg_base,
     stride_x, stride_k, stride_v, stride_dy, stride_dx,
     BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
     GATED: tl.constexpr, LOAD_A: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
@@ -268,15 +273,15 @@ def _block_ffn_bwd_kernel(
         b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
                       other=0.0).to(tl.float32)  # [BLOCK_T, G]
     else:
-        b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, D, stride_x, stride_k,
+        b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
                       DOT_PREC, BLOCK_T, BLOCK_K, G)
         if HAS_KB:
             b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
 
     b_dh = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, d_model, BLOCK_D):
         dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < D
+        dmask = dn < d_model
         b_dy = tl.load(dy_ptr + tok[:, None] * stride_dy + dn[None, :],
                        mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
         b_vt = tl.load(values_ptr + cells[None, :] * stride_v + dn[:, None],
@@ -295,22 +300,22 @@ def _block_ffn_bwd_kernel(
     tl.store(da_ptr + p_rows, b_da, mask=m_rc)
     tl.store(gh_ptr + p_rows, b_h.to(gh_ptr.dtype.element_ty), mask=m_rc)
 
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, d_model, BLOCK_D):
         dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < D
+        dmask = dn < d_model
         b_k = tl.load(keys_ptr + cells[:, None] * stride_k + dn[None, :],
                       mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
         b_dx = _dot(b_da, b_k, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
-        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, D, stride_dx,
+        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, d_model, stride_dx,
                          False, ATOMIC, FIRST, LAST)
 
 
-@triton.autotune(configs=_configs("dw"), key=["D", "G"],
+@triton.autotune(configs=_configs("dw"), key=["d_model", "G"],
                  prune_configs_by={"early_config_prune": _pruner("dw")})
 @triton.jit
 def _block_ffn_bwd_dw_kernel(
     x_ptr, buf_ptr, order_ptr, seg_off_ptr, out_ptr, dkb_ptr,
-    D, top_k, n_blocks, n_slots,
+    d_model, top_k, n_blocks, n_slots,
     stride_x, stride_out,
     BS: tl.constexpr, G: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -321,7 +326,7 @@ def _block_ffn_bwd_dw_kernel(
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
     dn = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dn < D
+    dmask = dn < d_model
     o_c = tl.arange(0, G)
     cmask = o_c < BS
     acc = tl.zeros([BLOCK_D, G], dtype=tl.float32)
@@ -383,6 +388,10 @@ def _check(x2d, keys, values, indices, key_bias, gates, block_size, activation):
             raise ValueError(f"{name} must be contiguous")
 
 
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
                   activation, save_for_backward, deterministic):
     """Block FFN forward over ``indices``.
@@ -398,8 +407,9 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
                                  activation="relu", save_for_backward=True, deterministic=False)
     """
     _check(x2d, keys, values, indices, key_bias, gates, block_size, activation)
+    key_bias, gates, out_bias = _contig(key_bias), _contig(gates), _contig(out_bias)
     G = _padded_block(block_size)
-    T, D = x2d.shape
+    T, d_model = x2d.shape
     top_k = indices.shape[1]
     n_blocks = keys.shape[0] // block_size
     dtype = x2d.dtype
@@ -410,12 +420,12 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
     if by_slot:
         y = torch.empty_like(x2d)
         acc = y if dtype == torch.float32 or top_k == 1 else torch.empty(
-            (T, D), device=x2d.device, dtype=torch.float32)
+            (T, d_model), device=x2d.device, dtype=torch.float32)
     else:
         if out_bias is not None:
-            acc = out_bias.float().expand(T, D).contiguous()
+            acc = out_bias.float().expand(T, d_model).contiguous()
         else:
-            acc = torch.zeros((T, D), device=x2d.device, dtype=torch.float32)
+            acc = torch.zeros((T, d_model), device=x2d.device, dtype=torch.float32)
         y = acc
     common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
                   HAS_OB=out_bias is not None, GATED=gates is not None,
@@ -429,7 +439,7 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
     grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
     for j in range(n_launch):
         _block_ffn_fwd_kernel[grid](
-            *args, D, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
+            *args, d_model, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
             values.stride(0), y.stride(0),
             FIRST=j == 0, LAST=j == n_launch - 1, **common)
     if not by_slot and dtype != torch.float32:
@@ -449,8 +459,9 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
     if dy.shape != x2d.shape or dy.dtype != x2d.dtype or not dy.is_contiguous():
         raise ValueError(f"dy must be contiguous {tuple(x2d.shape)} {x2d.dtype}, got "
                          f"{tuple(dy.shape)} {dy.dtype}")
+    key_bias, gates = _contig(key_bias), _contig(gates)
     G = _padded_block(block_size)
-    T, D = x2d.shape
+    T, d_model = x2d.shape
     top_k = indices.shape[1]
     n_blocks = keys.shape[0] // block_size
     dtype = x2d.dtype
@@ -468,9 +479,9 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
     if by_slot:
         dx = torch.empty_like(x2d)
         acc = dx if dtype == torch.float32 or top_k == 1 else torch.empty(
-            (T, D), device=dev, dtype=torch.float32)
+            (T, d_model), device=dev, dtype=torch.float32)
     else:
-        acc = torch.zeros((T, D), device=dev, dtype=torch.float32)
+        acc = torch.zeros((T, d_model), device=dev, dtype=torch.float32)
         dx = acc
     prec = dot_precision(dtype)
     common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
@@ -485,7 +496,7 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
     grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
     for j in range(n_launch):
         _block_ffn_bwd_kernel[grid](
-            *args, D, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
+            *args, d_model, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
             values.stride(0), dy.stride(0), dx.stride(0),
             FIRST=j == 0, LAST=j == n_launch - 1, **common)
     if not by_slot and dtype != torch.float32:
@@ -495,14 +506,98 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
     dvalues = torch.empty_like(values)
     dkey_bias = torch.empty_like(key_bias) if key_bias is not None else None
     n_slots = top_k if by_slot else 1
-    grid_w = lambda meta: (n_blocks, triton.cdiv(D, meta["BLOCK_D"]))
+    grid_w = lambda meta: (n_blocks, triton.cdiv(d_model, meta["BLOCK_D"]))
     _block_ffn_bwd_dw_kernel[grid_w](
         x2d, da, routing.order, routing.seg_offsets, dkeys,
         dkey_bias if dkey_bias is not None else dkeys,
-        D, top_k, n_blocks, n_slots, x2d.stride(0), dkeys.stride(0),
+        d_model, top_k, n_blocks, n_slots, x2d.stride(0), dkeys.stride(0),
         BS=block_size, G=G, HAS_KB=key_bias is not None, DOT_PREC=prec)
     _block_ffn_bwd_dw_kernel[grid_w](
         dy, gh, routing.order, routing.seg_offsets, dvalues, dvalues,
-        D, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
+        d_model, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
         BS=block_size, G=G, HAS_KB=False, DOT_PREC=prec)
     return dx, dkeys, dvalues, dkey_bias, dgates
+
+
+def _unwrap(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _cfg_name(cfg) -> str:
+    kw = cfg.kwargs
+    return (f"BT={kw['BLOCK_T']},BK={kw['BLOCK_K']},BD={kw['BLOCK_D']},"
+            f"w={cfg.num_warps},s={cfg.num_stages}")
+
+
+_FWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "ob_ptr", "order_ptr",
+            "seg_off_ptr", "a_ptr", "acc_ptr", "y_ptr", "d_model", "top_k", "n_blocks", "seg_base",
+            "stride_x", "stride_k", "stride_v", "stride_y")
+_BWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "dy_ptr", "a_ptr",
+            "order_ptr", "seg_off_ptr", "da_ptr", "gh_ptr", "dgates_ptr", "acc_ptr", "dx_ptr",
+            "d_model", "top_k", "n_blocks", "seg_base", "stride_x", "stride_k", "stride_v",
+            "stride_dy", "stride_dx")
+_DW_SIG = ("x_ptr", "buf_ptr", "order_ptr", "seg_off_ptr", "out_ptr", "dkb_ptr", "d_model", "top_k",
+           "n_blocks", "n_slots", "stride_x", "stride_out")
+
+
+def _signature(names, t: str, constexprs: dict) -> dict:
+    """Triton types: int32 routing arrays, fp32 gates/dgates/accumulators, the rest in t."""
+    sig = {}
+    for n in names:
+        if not n.endswith("_ptr"):
+            sig[n] = "i32"
+        elif n in ("order_ptr", "seg_off_ptr"):
+            sig[n] = "*i32"
+        elif n in ("gates_ptr", "dgates_ptr", "acc_ptr"):
+            sig[n] = "*fp32"
+        else:
+            sig[n] = f"*{t}"
+    sig.update({k: "constexpr" for k in constexprs})
+    return sig
+
+
+def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
+    """Every GPU tuning config that survives the prune step, for each kernel, in bf16, fp16 and
+    fp32, at block sizes 64 and 256 (256 is the register-heaviest), every optional input on
+    (gelu, both biases, gates). The forward and dx kernels are compiled with the atomic combine
+    at g=64 and the deterministic middle-slot combine (load, add, store) at g=256; the backward
+    with the stored pre-activation and with the recompute (a third GEMM)."""
+    specs = []
+    fwd, bwd, dw = (_unwrap(k) for k in (_block_ffn_fwd_kernel, _block_ffn_bwd_kernel,
+                                           _block_ffn_bwd_dw_kernel))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = TRITON_DTYPE_NAMES[dtype]
+        elem = torch.tensor([], dtype=dtype).element_size()
+        prec = "ieee" if dtype == torch.float32 else "tf32"
+        for bs in block_sizes:
+            G = _padded_block(bs)
+            atomic = bs == block_sizes[0]
+            flags = dict(BS=bs, G=G, ACT="gelu", HAS_KB=True, GATED=True, ATOMIC=atomic,
+                         FIRST=False, LAST=False, DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
+            for cfg in _configs("fwd", interpret=False):
+                if _fits("fwd", cfg, G, elem):
+                    cx = dict(flags, HAS_OB=True, SAVE_A=True, **cfg.kwargs)
+                    specs.append(AOTSpec(
+                        name=f"block_ffn_fwd[{t},g={bs},{_cfg_name(cfg)},atomic={int(atomic)}]",
+                        kernel=fwd, signature=_signature(_FWD_SIG, t, cx), constexprs=cx,
+                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for cfg in _configs("bwd", interpret=False):
+                if not _fits("bwd", cfg, G, elem):
+                    continue
+                for load_a in (True, False):
+                    cx = dict(flags, LOAD_A=load_a, **cfg.kwargs)
+                    specs.append(AOTSpec(
+                        name=(f"block_ffn_bwd[{t},g={bs},{_cfg_name(cfg)},atomic={int(atomic)},"
+                              f"load_a={int(load_a)}]"),
+                        kernel=bwd, signature=_signature(_BWD_SIG, t, cx), constexprs=cx,
+                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for cfg in _configs("dw", interpret=False):
+                if _fits("dw", cfg, G, elem):
+                    cx = dict(BS=bs, G=G, HAS_KB=True, DOT_PREC=prec, **cfg.kwargs)
+                    specs.append(AOTSpec(
+                        name=f"block_ffn_bwd_dw[{t},g={bs},{_cfg_name(cfg)}]",
+                        kernel=dw, signature=_signature(_DW_SIG, t, cx), constexprs=cx,
+                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return specs
