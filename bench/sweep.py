@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -176,12 +177,16 @@ def preset_quick(device: str) -> list:
 
 
 def preset_smoke(device: str) -> list:
-    """Seconds: tiny shapes, every mode, every provider that can run (used by the tests)."""
+    """Seconds: tiny shapes, every mode, every provider that can run (used by the tests);
+    just enough points for both plots to draw lines."""
     every = ("dense", "naive", "gather", "torch", "triton", "cuda")
-    cases = grid([64], [64], 4, [16, 32], [1 / 4, 1 / 8], ["forward", "forward+backward"],
-                 providers=every)
-    cases.append(Case(64, 64, 256, 16, 4, "backward", providers=every))
-    cases.append(Case(4, 64, 256, 16, 2, "decode", activation="relu", providers=every))
+    tiny = dict(tokens=64, d_model=64, d_ff=256, providers=every, min_reps=3)
+    cases = [Case(**tiny, block_size=g, top_k=k, mode="forward")
+             for g, k in ((16, 4), (16, 2), (32, 2), (32, 1))]
+    cases += [Case(**tiny, block_size=16, top_k=k, mode="forward+backward") for k in (4, 2)]
+    cases.append(Case(**tiny, block_size=16, top_k=4, mode="backward"))
+    cases.append(Case(4, 64, 256, 16, 2, "decode", activation="relu", providers=every,
+                      min_reps=3))
     return cases
 
 
@@ -296,6 +301,8 @@ def sfnn_backend_reasons(device: str) -> dict:
             reasons[p] = ops.backend_unavailable_reason(p, torch.device(device))
         except Exception as err:  # noqa: BLE001
             reasons[p] = f"{type(err).__name__}: {err}"
+    if device == "cpu" and reasons["triton"] is None:  # TRITON_INTERPRET=1: not worth timing
+        reasons["triton"] = "on the CPU only Triton's interpreter runs, which is no benchmark"
     return reasons
 
 
@@ -369,6 +376,20 @@ def peak_memory_cuda(fn: Callable) -> int | None:
     return torch.cuda.max_memory_allocated() - base
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (Kineto prints a line per profiler start and stop from C++)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_cpu(fn: Callable) -> int | None:
     """Peak bytes the CPU allocator holds during one call above what it held before: the
     running sum of the allocation/free events ``torch.profiler(profile_memory=True)`` records
@@ -376,7 +397,8 @@ def peak_memory_cpu(fn: Callable) -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                      profile_memory=True) as prof:
             fn()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")

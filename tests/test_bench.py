@@ -1,0 +1,159 @@
+"""The benchmark tooling: presets, the cost model, the smoke sweep and gpu_check.sh --dry-run.
+
+The two end-to-end tests run the smoke preset on the CPU in a subprocess (seconds each), so the
+whole file stays well under a minute.
+"""
+import csv
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUTS = ("sweep.csv", "sweep.md", "speedup_vs_density.png", "speedup_vs_block_size.png")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load_sweep():
+    spec = importlib.util.spec_from_file_location("sfnn_bench_sweep", ROOT / "bench" / "sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sweep = _load_sweep()
+
+
+def _env():
+    """The subprocess environment: no Triton interpreter (conftest sets it on CPU machines)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _check_outputs(out: Path) -> list:
+    for name in OUTPUTS:
+        assert (out / name).is_file(), f"{name} missing from {sorted(os.listdir(out))}"
+    for png in OUTPUTS[2:]:
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000, f"{png} is not a real plot"
+    md = (out / "sweep.md").read_text()
+    assert md.startswith("# sfnn benchmark: ") and "| mode | provider |" in md
+    assert "Ceilings:" in md
+    with open(out / "sweep.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and list(rows[0]) == sweep.FIELDS
+    return rows
+
+
+def _check_rows(rows: list) -> None:
+    for r in rows:
+        where = f"{r['mode']}/{r['provider']}/g={r['block_size']}/k={r['top_k']}"
+        for key in ("ms", "ms_p20", "ms_p80", "useful_tflops", "gbs", "floor_ms",
+                    "frac_of_floor", "ceiling_tflops", "ceiling_gbs"):
+            v = float(r[key])
+            assert math.isfinite(v) and v > 0, f"{where}: {key}={r[key]}"
+        assert float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"]), where
+        assert 0 < float(r["density"]) <= 1, where
+        assert float(r["density"]) == pytest.approx(
+            int(r["top_k"]) * int(r["block_size"]) / int(r["d_ff"]))
+        assert 1 <= int(r["distinct_blocks"]) <= int(r["n_blocks"]), where
+        assert r["device"] == "cpu" and r["torch"] and r["date"], where
+        if r["peak_mem_mb"] != "n/a":
+            assert float(r["peak_mem_mb"]) >= 0, where
+        if r["provider"] == "dense":
+            assert float(r["speedup_vs_dense"]) == pytest.approx(1.0)
+            assert r["check"] == ""
+        else:
+            assert float(r["speedup_vs_dense"]) > 0, where
+            if r["mode"] != "backward":
+                assert r["check"] == "ok", f"{where}: rel_err={r['rel_err']}"
+    providers = {r["provider"] for r in rows}
+    assert {"dense", "naive", "gather", "torch"} <= providers
+    assert not providers & {"triton", "cuda"}  # neither runs on CPU tensors
+    assert {r["mode"] for r in rows} == set(sweep.MODES)
+
+
+def test_presets_are_valid():
+    for name, preset in sweep.PRESETS.items():
+        for device in ("cpu", "cuda"):
+            cases = preset(device)
+            assert cases, name
+            for c in cases:
+                c.validate()
+
+
+def test_default_preset_starts_with_the_acceptance_shape():
+    cases = sweep.preset_default("cpu")
+    first = cases[:2]
+    assert [c.mode for c in first] == ["forward", "forward+backward"]
+    for c in first:
+        assert (c.tokens, c.d_model, c.d_ff, c.block_size, c.top_k, c.dtype, c.activation) == (
+            4096, 512, 8192, 64, 16, "float32", "gelu")
+        assert c.providers == ("dense", "torch") and c.tag == "acceptance"
+
+
+def test_quick_preset_covers_its_grid():
+    cases = sweep.preset_quick("cpu")
+    got = {(c.mode, c.block_size, round(1 / c.density)) for c in cases}
+    want = {(m, g, inv) for m in ("forward", "forward+backward") for g in (32, 64, 128)
+            for inv in (4, 8, 16)}
+    assert want <= got
+
+
+def test_cost_model_matches_spec():
+    T, d, d_ff, g, k = 100, 64, 1024, 32, 4
+    nb, es = d_ff // g, 4
+    fwd = sweep.cost_model(sweep.Case(T, d, d_ff, g, k, "forward"), distinct_blocks=nb)
+    assert fwd["useful_flops"] == 4 * T * d * k * g
+    assert fwd["floor_flops"] == 4 * T * d * k * g + 2 * T * d * nb + d_ff * d
+    assert fwd["dense_flops"] == 4 * T * d * d_ff
+    combine = 2 * T * k * d * es  # top_k partials of d_model per token, out and back
+    assert fwd["floor_bytes"] > combine + 2 * d_ff * d * es
+    bwd = sweep.cost_model(sweep.Case(T, d, d_ff, g, k, "backward"), distinct_blocks=nb)
+    assert bwd["useful_flops"] == 2 * fwd["useful_flops"]
+    full = sweep.cost_model(sweep.Case(T, d, d_ff, g, k, "forward+backward"), nb)
+    assert full["useful_flops"] == 3 * fwd["useful_flops"]
+    assert full["floor_bytes"] == fwd["floor_bytes"] + bwd["floor_bytes"]
+    dec = sweep.cost_model(sweep.Case(2, d, d_ff, g, k, "decode"), distinct_blocks=2 * k)
+    # Decoding keeps kbar cached and reads only the selected blocks' rows.
+    assert dec["floor_flops"] == 4 * 2 * d * k * g + 2 * 2 * d * nb
+    assert dec["floor_bytes"] < 2 * d_ff * d * es
+    assert sweep.top_k_for(8192, 64, 1 / 8) == 16 and sweep.top_k_for(2048, 256, 1 / 32) is None
+
+
+def test_smoke_sweep(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:  # in-process: saves a second interpreter start; the sweep sets the thread count
+        rc = sweep.main(["--preset", "smoke", "--device", "cpu", "--threads", "1",
+                         "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    assert "ceilings:" in out
+    _check_rows(_check_outputs(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(OUTPUTS)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu"
+    env = _env()
+    env["PYTHON"] = sys.executable
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "PASS" in proc.stdout
+    _check_rows(_check_outputs(out))
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    log = (out / "gpu_check.log").read_text()
+    assert "== environment ==" in log and "torch:" in log and "nvidia-smi" in log
