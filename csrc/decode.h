@@ -25,6 +25,11 @@ enum SfnnActivation : int {
   SFNN_ACT_SILU = 2,
 };
 
+// C linkage: the launchers can be called from C or through ctypes (the tests do, on a CPU build).
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 // (a) Avg-K scoring + top-K for a few tokens.
 //
 //   scores[t, b] = x[t] . kbar[b] + bbar[b]   (fp32)
@@ -64,3 +69,7 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
                             int dtype, int activation, int64_t T, int64_t top_k,
                             int64_t n_blocks, int64_t block_size, int64_t d_model,
                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif

@@ -1,0 +1,3 @@
+// Test-only stand-in, see cuda_runtime.h.
+#pragma once
+#include "emu.h"

@@ -1,0 +1,116 @@
+"""The optional CUDA C++ extension ``sfnn._C``: decoding kernels (csrc/decode.cu).
+
+Two ops, registered by the extension in the ``sfnn`` namespace for CUDA tensors:
+
+- ``sfnn::decode_select(x, kbar, bbar, top_k) -> int32 (T, top_k)``: Avg-K scores against the
+  cached block means and top-K, best first, ties to the smaller block index.
+- ``sfnn::decode_ffn(x, keys, values, indices, key_bias, out_bias, gates, block_size,
+  activation) -> (T, d_model)``: the block FFN over the given blocks, reading each distinct
+  selected block's key and value rows once. Forward only.
+
+The extension is imported lazily, on the first question about it, and the package works without
+it. Build it on a machine with a CUDA build of torch and nvcc::
+
+    SFNN_BUILD_CUDA=1 pip install --no-build-isolation -e .
+
+Example (with the extension built)::
+
+    >>> idx = sfnn.cuda_ext.decode_select(x2d, kbar, bbar, top_k=8)         # (T, 8) int32
+    >>> y = sfnn.cuda_ext.decode_ffn(x2d, keys, values, idx, None, None, None,
+    ...                              block_size=64, activation="relu")       # (T, d_model)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+BUILD_COMMAND = "SFNN_BUILD_CUDA=1 pip install --no-build-isolation -e ."
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> Optional[str]:
+    """Import ``sfnn._C`` once; None on success, else why it is not usable."""
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build, so the CUDA extension sfnn._C "
+                f"cannot exist here; install a CUDA build of torch, then build it with "
+                f"`{BUILD_COMMAND}` (needs nvcc)")
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the ops)
+    except ImportError as err:
+        return (f"the CUDA extension sfnn._C is not built ({err}); build it on a machine with a "
+                f"CUDA build of torch and nvcc with `{BUILD_COMMAND}`")
+    except OSError as err:  # present but unloadable (ABI/CUDA mismatch)
+        return (f"the CUDA extension sfnn._C failed to load ({err}); rebuild it against the "
+                f"installed torch with `{BUILD_COMMAND}`")
+    if not (hasattr(torch.ops.sfnn, "decode_select") and hasattr(torch.ops.sfnn, "decode_ffn")):
+        return (f"sfnn._C loaded but did not register sfnn::decode_select/decode_ffn; rebuild it "
+                f"with `{BUILD_COMMAND}`")
+    _register_fakes()
+    return None
+
+
+def available() -> bool:
+    """True when the CUDA extension is built and loaded."""
+    return _load() is None
+
+
+def unavailable_reason() -> str:
+    """Why the CUDA extension cannot be used, and how to build it ("" when it can)."""
+    return _load() or ""
+
+
+def _require() -> None:
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels, so torch.compile can trace the ops; only once the library loaded."""
+
+    @torch.library.register_fake("sfnn::decode_select")
+    def _decode_select_fake(x, kbar, bbar, top_k):
+        torch._check(x.dim() == 2, lambda: "sfnn::decode_select: x must be 2-D")
+        return x.new_empty((x.shape[0], top_k), dtype=torch.int32)
+
+    @torch.library.register_fake("sfnn::decode_ffn")
+    def _decode_ffn_fake(x, keys, values, indices, key_bias, out_bias, gates, block_size,
+                         activation):
+        torch._check(x.dim() == 2, lambda: "sfnn::decode_ffn: x must be 2-D")
+        return x.new_empty(x.shape)
+
+
+def decode_select(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor], top_k: int) -> Tensor:
+    """The ``top_k`` Avg-K blocks per token, best first (ties to the smaller index).
+
+    x2d: (T, d_model) float32/float16/bfloat16 CUDA; kbar: (n_blocks, d_model) float32;
+    bbar: (n_blocks,) float32 or None. Returns (T, top_k) int32.
+    """
+    _require()
+    return torch.ops.sfnn.decode_select(x2d, kbar, bbar, int(top_k))
+
+
+def decode_ffn(
+    x2d: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    key_bias: Optional[Tensor],
+    out_bias: Optional[Tensor],
+    gates: Optional[Tensor],
+    *,
+    block_size: int,
+    activation: str,
+) -> Tensor:
+    """The block FFN over ``indices`` for a few tokens (forward only), in x2d's dtype.
+
+    x2d: (T, d_model); keys, values: (d_ff, d_model) of x2d's dtype; indices: (T, top_k) int32;
+    key_bias: (d_ff,) or None; out_bias: (d_model,) or None; gates: (T, top_k) float32 or None.
+    """
+    _require()
+    return torch.ops.sfnn.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
+                                     int(block_size), str(activation))
