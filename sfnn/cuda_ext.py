@@ -22,7 +22,6 @@ Example (with the extension built)::
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -31,8 +30,8 @@ Tensor = torch.Tensor
 BUILD_COMMAND = "SFNN_BUILD_CUDA=1 pip install --no-build-isolation -e ."
 
 
-@functools.lru_cache(maxsize=None)
-def _load() -> Optional[str]:
+@functools.cache
+def _load() -> str | None:
     """Import ``sfnn._C`` once; None on success, else why it is not usable."""
     if torch.version.cuda is None:
         return (f"torch {torch.__version__} is a CPU-only build, so the CUDA extension sfnn._C "
@@ -84,7 +83,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape)
 
 
-def decode_select(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor], top_k: int) -> Tensor:
+def decode_select(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int) -> Tensor:
     """The ``top_k`` Avg-K blocks per token, best first (ties to the smaller index).
 
     x2d: (T, d_model) float32/float16/bfloat16 CUDA; kbar: (n_blocks, d_model) float32;
@@ -99,9 +98,9 @@ def decode_ffn(
     keys: Tensor,
     values: Tensor,
     indices: Tensor,
-    key_bias: Optional[Tensor],
-    out_bias: Optional[Tensor],
-    gates: Optional[Tensor],
+    key_bias: Tensor | None,
+    out_bias: Tensor | None,
+    gates: Tensor | None,
     *,
     block_size: int,
     activation: str,

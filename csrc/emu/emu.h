@@ -1,20 +1,20 @@
 // A small CPU emulator of the CUDA features csrc/decode.cu uses, for testing its kernels on a
 // machine without a GPU (tests/test_cuda_ext.py). Thread blocks run one after another; the
-// threads of a block run as std::threads, with std::barrier for __syncthreads() and for the
+// threads of a block run as fibers (ucontext) with barriers for __syncthreads() and for the
 // warp-synchronous shuffles/ballots (every lane of a warp must take part, as the kernels
 // guarantee with full masks). __shared__ variables become function statics, which is sound
-// because only one block runs at a time. Test-only: C++20, slow, never part of the build.
+// because only one block runs at a time. Test-only: C++20, Linux, never part of the build.
 #pragma once
 
-#include <atomic>
-#include <barrier>
+#include <ucontext.h>
+
+#include <cstdio>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
 struct dim3 {
@@ -61,71 +61,155 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 
 namespace emu {
 
+// The threads of a block are fibers (ucontext) run by one OS thread: a fiber runs until it
+// reaches a barrier (block or warp) or returns; a barrier opens when every live thread of its
+// block (warp) waits at it. A barrier that can never open (divergent __syncthreads, a shuffle
+// not reached by every lane) aborts. Blocks run one after another.
+enum FiberState { kRunnable, kWaitBlock, kWaitWarp, kDone };
+
+struct Block;
+inline Block* cur_block = nullptr;
+
 struct Block {
-  explicit Block(int n) : nthreads(n), bar(n) {
-    for (int w = 0; w * 32 < n; ++w) {
-      const int lanes = n - w * 32 < 32 ? n - w * 32 : 32;
-      warps.emplace_back(std::make_unique<std::barrier<>>(lanes));
-    }
+  explicit Block(int n) : nthreads(n), nwarps((n + 31) / 32) {
+    ctx.resize(static_cast<size_t>(n));
+    state.resize(static_cast<size_t>(n));
+    stacks.resize(static_cast<size_t>(n));
+    for (auto& st : stacks) st.reset(new char[kStack]);  // uninitialised: cheap
     shfl.resize(static_cast<size_t>(n));
+    warp_waiting.resize(static_cast<size_t>(nwarps));
+    warp_live.resize(static_cast<size_t>(nwarps));
   }
-  int nthreads;
-  std::barrier<> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  static constexpr size_t kStack = 64 * 1024;
+  int nthreads, nwarps;
+  int current = 0;
+  int live = 0, block_waiting = 0;
+  std::vector<int> warp_waiting, warp_live;
+  std::vector<ucontext_t> ctx;
+  std::vector<FiberState> state;
+  std::vector<std::unique_ptr<char[]>> stacks;
+  ucontext_t sched;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
   std::vector<uint64_t> shfl;
-  std::atomic<int> flag{0};
+  int flag = 0;
   std::vector<unsigned char> dyn_smem;
 };
 
-inline thread_local dim3 tl_threadIdx, tl_blockIdx, tl_blockDim, tl_gridDim;
-inline thread_local Block* tl_block = nullptr;
+inline dim3 tl_threadIdx, tl_blockIdx, tl_blockDim, tl_gridDim;
 inline int sm_count_value = 8;
 
-inline void* dyn_smem() { return tl_block->dyn_smem.data(); }
+inline void* dyn_smem() { return cur_block->dyn_smem.data(); }
 
-// One std::thread per CUDA thread of a block, reused for every block of the grid in turn; a
-// block barrier separates blocks. Sound for kernels whose early returns are uniform over the
-// block or, in kernels without __syncthreads, over the warp (decode.cu's are).
+inline void fiber_entry() {
+  Block* b = cur_block;
+  b->body(b->body_arg);
+  b->state[static_cast<size_t>(b->current)] = kDone;
+  --b->live;
+  --b->warp_live[static_cast<size_t>(b->current / 32)];
+  // returning resumes b->sched through uc_link
+}
+
+inline void yield_to_scheduler() {
+  Block* b = cur_block;
+  swapcontext(&b->ctx[static_cast<size_t>(b->current)], &b->sched);
+}
+
+inline void block_barrier() {
+  Block* b = cur_block;
+  b->state[static_cast<size_t>(b->current)] = kWaitBlock;
+  ++b->block_waiting;
+  yield_to_scheduler();
+}
+
+inline void warp_barrier() {
+  Block* b = cur_block;
+  b->state[static_cast<size_t>(b->current)] = kWaitWarp;
+  ++b->warp_waiting[static_cast<size_t>(b->current / 32)];
+  yield_to_scheduler();
+}
+
+inline void run_block(Block& b) {
+  cur_block = &b;
+  b.live = b.nthreads;
+  b.block_waiting = 0;
+  for (int w = 0; w < b.nwarps; ++w) {
+    b.warp_waiting[static_cast<size_t>(w)] = 0;
+    b.warp_live[static_cast<size_t>(w)] = b.nthreads - w * 32 < 32 ? b.nthreads - w * 32 : 32;
+  }
+  for (int t = 0; t < b.nthreads; ++t) {
+    auto& c = b.ctx[static_cast<size_t>(t)];
+    getcontext(&c);
+    c.uc_stack.ss_sp = b.stacks[static_cast<size_t>(t)].get();
+    c.uc_stack.ss_size = Block::kStack;
+    c.uc_link = &b.sched;
+    makecontext(&c, fiber_entry, 0);
+    b.state[static_cast<size_t>(t)] = kRunnable;
+  }
+  while (b.live > 0) {
+    bool ran = false;
+    for (int t = 0; t < b.nthreads; ++t) {
+      if (b.state[static_cast<size_t>(t)] != kRunnable) continue;
+      b.current = t;
+      tl_threadIdx = dim3(static_cast<unsigned>(t));
+      swapcontext(&b.sched, &b.ctx[static_cast<size_t>(t)]);
+      ran = true;
+    }
+    bool released = false;
+    for (int w = 0; w < b.nwarps; ++w) {
+      const size_t wi = static_cast<size_t>(w);
+      if (b.warp_waiting[wi] > 0 && b.warp_waiting[wi] == b.warp_live[wi]) {
+        for (int t = w * 32; t < w * 32 + 32 && t < b.nthreads; ++t) {
+          if (b.state[static_cast<size_t>(t)] == kWaitWarp) b.state[static_cast<size_t>(t)] = kRunnable;
+        }
+        b.warp_waiting[wi] = 0;
+        released = true;
+      }
+    }
+    if (b.block_waiting > 0 && b.block_waiting == b.live) {
+      for (int t = 0; t < b.nthreads; ++t) {
+        if (b.state[static_cast<size_t>(t)] == kWaitBlock) b.state[static_cast<size_t>(t)] = kRunnable;
+      }
+      b.block_waiting = 0;
+      released = true;
+    }
+    if (!ran && !released && b.live > 0) {
+      std::fprintf(stderr, "emu: deadlock: a barrier not reached by every live thread\n");
+      std::abort();
+    }
+  }
+  cur_block = nullptr;
+}
+
 template <typename F>
 void launch(F fn, dim3 grid, dim3 block, size_t smem, cudaStream_t) {
   const int n = static_cast<int>(block.x * block.y * block.z);
   Block blk(n);
-  blk.dyn_smem.assign(smem + 16, 0xCD);  // poison: unwritten shared memory shows
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(n));
-  for (int tid = 0; tid < n; ++tid) {
-    threads.emplace_back([&, tid] {
-      tl_threadIdx = dim3(static_cast<unsigned>(tid));
-      tl_blockDim = block;
-      tl_gridDim = grid;
-      tl_block = &blk;
-      for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-          for (unsigned bx = 0; bx < grid.x; ++bx) {
-            tl_blockIdx = dim3(bx, by, bz);
-            fn();
-            blk.warps[static_cast<size_t>(tid / 32)]->arrive_and_wait();
-            blk.bar.arrive_and_wait();
-            if (tid == 0) std::memset(blk.dyn_smem.data(), 0xCD, blk.dyn_smem.size());
-            blk.bar.arrive_and_wait();
-          }
-    });
-  }
-  for (auto& t : threads) t.join();
+  blk.body = [](void* f) { (*static_cast<F*>(f))(); };
+  blk.body_arg = &fn;
+  tl_blockDim = block;
+  tl_gridDim = grid;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        tl_blockIdx = dim3(bx, by, bz);
+        blk.dyn_smem.assign(smem + 16, 0xCD);  // poison: unwritten shared memory shows
+        run_block(blk);
+      }
 }
 
 inline int lane_id() { return static_cast<int>(tl_threadIdx.x % 32); }
 inline int warp_base() { return static_cast<int>(tl_threadIdx.x / 32 * 32); }
-inline void warp_sync() { tl_block->warps[tl_threadIdx.x / 32]->arrive_and_wait(); }
+inline void warp_sync() { warp_barrier(); }
 
 template <typename T>
 T exchange(T v, int src_lane) {
   static_assert(sizeof(T) <= 8, "shuffle of at most 64 bits");
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
-  tl_block->shfl[tl_threadIdx.x] = bits;
+  cur_block->shfl[tl_threadIdx.x] = bits;
   warp_sync();
-  const uint64_t got = tl_block->shfl[static_cast<size_t>(warp_base() + src_lane)];
+  const uint64_t got = cur_block->shfl[static_cast<size_t>(warp_base() + src_lane)];
   warp_sync();
   T r;
   std::memcpy(&r, &got, sizeof(T));
@@ -139,15 +223,15 @@ T exchange(T v, int src_lane) {
 #define blockDim (emu::tl_blockDim)
 #define gridDim (emu::tl_gridDim)
 
-inline void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
+inline void __syncthreads() { emu::block_barrier(); }
 inline int __syncthreads_or(int pred) {
-  emu::Block* b = emu::tl_block;
-  b->bar.arrive_and_wait();
-  if (pred) b->flag.store(1);
-  b->bar.arrive_and_wait();
-  const int r = b->flag.load();
-  b->bar.arrive_and_wait();
-  if (threadIdx.x == 0) b->flag.store(0);
+  emu::Block* b = emu::cur_block;
+  emu::block_barrier();
+  if (pred) b->flag = 1;
+  emu::block_barrier();
+  const int r = b->flag;
+  emu::block_barrier();
+  if (threadIdx.x == 0) b->flag = 0;
   return r;
 }
 template <typename T> T __shfl_xor_sync(unsigned, T v, int k) {
@@ -159,7 +243,7 @@ template <typename T> T __shfl_down_sync(unsigned, T v, int k) {
   return r;
 }
 inline unsigned __ballot_sync(unsigned, int pred) {
-  emu::Block* b = emu::tl_block;
+  emu::Block* b = emu::cur_block;
   b->shfl[threadIdx.x] = pred ? 1u : 0u;
   emu::warp_sync();
   unsigned r = 0;
@@ -168,7 +252,11 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   emu::warp_sync();
   return r;
 }
-template <typename T> T atomicAdd(T* p, T v) { return std::atomic_ref<T>(*p).fetch_add(v); }
+template <typename T> T atomicAdd(T* p, T v) {  // fibers: no two run at once
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
