@@ -367,10 +367,11 @@ constexpr int64_t kFfnMinChunkRows = 8;
 constexpr int64_t kFfnMaxChunkRows = 1024;  // keeps the h buffer <= 32 KiB of shared memory
 constexpr int kCombineThreads = 128;
 
-// minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it the scalar (VEC = 1)
-// instantiations were held at 64 registers and spilled.
+// minBlocksPerSM: 2 for 16-bit inputs (the decode case) keeps two CTAs (16 warps) per SM for
+// latency hiding, i.e. <= 128 registers; fp32's 8 x 4 accumulators + 16-byte loads need more,
+// so it gets 1. (Without a minimum, ptxas held the scalar instantiations at 64 and spilled.)
 template <typename TX, int VEC>
-__global__ void __launch_bounds__(kFfnThreads, 1)
+__global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
     decode_ffn_blocks_kernel(const TX* __restrict__ x, int64_t x_stride,
                              const TX* __restrict__ keys, int64_t k_stride,
                              const TX* __restrict__ values, int64_t v_stride,

@@ -7,7 +7,8 @@
    are checked against sfnn.reference (selection exactly, outputs within tolerance).
 4. On a GPU with the extension built, the registered ops against sfnn.reference.
 5. Here, sfnn.cuda_ext says it is unavailable and how to build it.
-The compilers run in parallel, started once per module (about a minute on two cores).
+The compilers run in parallel, started once per module: the file takes about 2.5 minutes on
+two cores, most of it nvcc; `-m "not slow"` skips the binding build.
 """
 from __future__ import annotations
 
