@@ -9,9 +9,11 @@
 // ops sfnn/ops.py defines from Python (torch.library.custom_op also registers fragments). Only
 // CUDA kernels are registered here; the fake (meta) kernels live in sfnn/cuda_ext.py.
 //
-// The stream comes from c10's device-guard interface (Stream::native_handle()), not from
-// c10/cuda or ATen/cuda: this file includes no torch CUDA header, so it also passes a syntax
-// check against a CPU build of torch (whose c10/cuda headers are incomplete).
+// The current stream comes from torch's ABI-stable C shim (aoti_torch_get_current_cuda_stream,
+// exported by libtorch_cuda in torch 2.x), not from c10/cuda or ATen/cuda: this file includes
+// no torch CUDA header, so it also passes a syntax check against a CPU build of torch (whose
+// c10/cuda headers are incomplete). c10::Stream::native_handle() would do too, but only exists
+// in recent torch releases.
 #include <Python.h>
 
 #include <optional>
@@ -20,18 +22,27 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "decode.h"
 
+// From torch/csrc/inductor/aoti_torch/c/shim.h, which declares it only under USE_CUDA (returns
+// AOTI_TORCH_SUCCESS == 0). Weak, so that a build against CPU-only torch (the emulated test of
+// this file) still loads; the CUDA extension links libtorch_cuda, which defines it.
+extern "C" __attribute__((weak)) int32_t aoti_torch_get_current_cuda_stream(int32_t device_index,
+                                                                           void** ret_stream);
+
 namespace {
 
 cudaStream_t current_cuda_stream(const c10::Device& device) {
-  const c10::impl::DeviceGuardImplInterface* impl =
-      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
-  return static_cast<cudaStream_t>(impl->getStream(device).native_handle());
+  TORCH_CHECK(aoti_torch_get_current_cuda_stream != nullptr,
+              "sfnn._C: this torch has no CUDA runtime (aoti_torch_get_current_cuda_stream is "
+              "missing); rebuild the extension against a CUDA build of torch");
+  void* stream = nullptr;
+  const int32_t err = aoti_torch_get_current_cuda_stream(device.index(), &stream);
+  TORCH_CHECK(err == 0, "sfnn._C: could not get the current CUDA stream of ", device);
+  return static_cast<cudaStream_t>(stream);
 }
 
 int dtype_tag(const at::Tensor& t, const char* op, const char* name) {
