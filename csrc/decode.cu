@@ -39,7 +39,8 @@
 //     to fill the GPU (decoding one token: top_k slots for ~132 SMs).
 //   decode_ffn_combine_kernel: each (token, block, chunk) partial output is written to an fp32
 //     workspace row at the token's first slot naming the block; this kernel sums, per token and
-//     column, the partials in slot then chunk order, adds out_bias, and casts to the input dtype.
+//     4-column vector, the partials (warp w takes slots w, w+8, ..., each over its chunks; the
+//     8 warp sums are added in warp order), adds out_bias, and casts to the input dtype.
 //     The partials cost top_k * chunks * d_model * 8 bytes per token (written and read back, in
 //     L2 at decode sizes), a few percent of the weight bytes.
 // Vector loads need 16-byte aligned base pointers and row strides that are a multiple of the
@@ -365,7 +366,9 @@ constexpr int kFfnWarps = kFfnThreads / kWarp;
 constexpr int kFfnTokens = 8;  // tokens per pass over a block's rows
 constexpr int64_t kFfnMinChunkRows = 8;
 constexpr int64_t kFfnMaxChunkRows = 1024;  // keeps the h buffer <= 32 KiB of shared memory
-constexpr int kCombineThreads = 128;
+constexpr int kCombineThreads = 256;
+constexpr int kCombineWarps = kCombineThreads / kWarp;
+constexpr int kCombineCols = 4 * kWarp;  // columns per combine CTA
 
 // minBlocksPerSM: 2 for 16-bit inputs (the decode case) keeps two CTAs (16 warps) per SM for
 // latency hiding, i.e. <= 128 registers; fp32's 8 x 4 accumulators + 16-byte loads need more,
@@ -534,6 +537,9 @@ __global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
   }
 }
 
+// A CTA per (token, 128 columns): lane l of warp w owns columns 4l..4l+3 of the tile and sums
+// (float4 loads) the partials of slots j = w, w + 8, ... over their chunks; the 8 warps' sums
+// are then added in warp order. Many independent loads per thread, fixed summation order.
 template <typename TX>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_ffn_combine_kernel(const float* __restrict__ ws, int64_t ws_ld,
@@ -542,6 +548,9 @@ __global__ void __launch_bounds__(kCombineThreads)
                               int64_t n_chunks, int64_t d_model, TX* __restrict__ y,
                               int64_t y_stride) {
   extern __shared__ unsigned char s_first[];  // [top_k]: slot j is its block's first in the row
+  __shared__ float4 s_part[kCombineWarps][kWarp];
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
   const int64_t t = blockIdx.y;
   const int32_t* p_idx = indices + t * idx_stride;
   for (int64_t j = threadIdx.x; j < top_k; j += kCombineThreads) {
@@ -551,16 +560,42 @@ __global__ void __launch_bounds__(kCombineThreads)
     s_first[j] = first;
   }
   __syncthreads();
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x;
-  if (c >= d_model) return;
-  float acc = 0.f;
-  for (int64_t j = 0; j < top_k; ++j) {
-    if (!s_first[j]) continue;
-    const float* p = ws + (t * top_k + j) * n_chunks * ws_ld + c;
-    for (int64_t ch = 0; ch < n_chunks; ++ch) acc += __ldg(p + ch * ws_ld);
+  // ws rows are padded to ws_ld (a multiple of 4): the float4 of the last columns is in bounds.
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineCols + 4 * lane;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (c < d_model) {
+    for (int64_t j = warp; j < top_k; j += kCombineWarps) {
+      if (!s_first[j]) continue;
+      const float* p = ws + (t * top_k + j) * n_chunks * ws_ld + c;
+#pragma unroll 4
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(p + ch * ws_ld));
+        acc.x += v.x;
+        acc.y += v.y;
+        acc.z += v.z;
+        acc.w += v.w;
+      }
+    }
   }
-  if (out_bias != nullptr) acc += to_float(out_bias[c]);
-  y[t * y_stride + c] = from_float<TX>(acc);
+  s_part[warp][lane] = acc;
+  __syncthreads();
+  if (warp != 0 || c >= d_model) return;
+  float r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) {
+    const float4 v = s_part[w][lane];
+    r[0] += v.x;
+    r[1] += v.y;
+    r[2] += v.z;
+    r[3] += v.w;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if (c + e < d_model) {
+      const float ob = out_bias != nullptr ? to_float(out_bias[c + e]) : 0.f;
+      y[t * y_stride + c + e] = from_float<TX>(r[e] + ob);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -683,7 +718,7 @@ cudaError_t launch_ffn(const TX* x, int64_t x_stride, const TX* keys, int64_t k_
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 cgrid(static_cast<unsigned>(ceil_div(d_model, kCombineThreads)),
+  const dim3 cgrid(static_cast<unsigned>(ceil_div(d_model, kCombineCols)),
                    static_cast<unsigned>(T));
   decode_ffn_combine_kernel<TX><<<cgrid, kCombineThreads, static_cast<size_t>(top_k), stream>>>(
       ws, plan.ws_ld, indices, idx_stride, out_bias, top_k, n_blocks, plan.n_chunks, d_model, y,
