@@ -164,7 +164,7 @@ def test_half_dtypes(dtype, deterministic, device, poison):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_deterministic_is_bitwise_repeatable(dtype, device):
-    p = _problem(77, 40, 24, 5, 3, dtype=dtype, device=device, mode="hot", seed=4)
+    p = _problem(45, 40, 24, 5, 3, dtype=dtype, device=device, mode="hot", seed=4)
     first = _triton(p, g=24, activation="gelu", deterministic=True)
     second = _triton(p, g=24, activation="gelu", deterministic=True)
     for a, b in zip(first, second, strict=True):
@@ -198,7 +198,8 @@ def test_rejects_bad_arguments():
 def test_aot_specs_cover_every_dtype():
     specs = block_ffn.aot_specs()
     names = " ".join(s.name for s in specs)
-    for kernel in ("block_ffn_fwd[", "block_ffn_bwd[", "block_ffn_bwd_dw["):
+    for kernel in ("block_ffn_fwd[", "block_ffn_bwd_dh[", "block_ffn_bwd_dx[",
+                   "block_ffn_bwd_dw["):
         for t in ("bf16", "fp16", "fp32"):
             assert f"{kernel}{t}" in names, f"{kernel}{t}"
     assert all(s.is_gemm for s in specs)

@@ -139,56 +139,65 @@ def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, d_m
 
 
 def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
-    """Tuning configs of one kernel kind ("fwd", "bwd", "dw"); one config under the interpreter.
+    """Tuning configs of one kernel ("fwd", "dh", "dx", "dw"); one config under the interpreter.
 
-    GPU tiles: the token tile (M of the fwd/bwd GEMMs) and the d_model chunk (M of the dW
+    Meta-parameters: BLOCK_T token rows per tile, BLOCK_K d_model step of the X K^T GEMM,
+    BLOCK_D d_model chunk of the output / gradient GEMMs, BLOCK_G cells per chunk (backward).
+    GPU tiles: the token tile (M of the fwd/dh/dx GEMMs) and the d_model chunk (M of the dW
     GEMMs) are >= 64 so sm_90 runs them as wgmma; the prune step drops configs whose
     accumulators or pipelined tiles do not fit at the padded block size G (see _fits).
     """
     if interpret:
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4,
-                              num_stages=1)]
-    if kind == "dw":
-        shapes = [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 8, 4)]
-        return [triton.Config({"BLOCK_T": bt, "BLOCK_K": 0, "BLOCK_D": bd}, num_warps=w,
-                              num_stages=s) for bt, bd, w, s in shapes]
-    shapes = [(64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (128, 32, 64, 8, 3),
-              (64, 32, 64, 8, 2), (128, 64, 128, 8, 2), (64, 32, 32, 8, 2)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w,
-                          num_stages=s) for bt, bk, bd, w, s in shapes]
+        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_G": 16},
+                              num_warps=4, num_stages=1)]
+    shapes = {  # (BLOCK_T, BLOCK_K, BLOCK_D, BLOCK_G, num_warps, num_stages)
+        "fwd": [(64, 64, 64, 0, 4, 3), (64, 64, 128, 0, 8, 3), (128, 32, 64, 0, 8, 3),
+                (64, 32, 64, 0, 8, 2), (64, 32, 32, 0, 8, 2)],
+        "dh": [(64, 64, 64, 64, 8, 3), (64, 32, 64, 32, 4, 3), (64, 64, 128, 64, 8, 3)],
+        "dx": [(64, 0, 64, 64, 4, 3), (64, 0, 128, 64, 8, 3), (128, 0, 64, 64, 8, 3)],
+        "dw": [(64, 0, 64, 64, 4, 3), (64, 0, 128, 64, 8, 3), (128, 0, 64, 128, 8, 3),
+               (32, 0, 128, 128, 8, 4)],
+    }[kind]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd, "BLOCK_G": bg},
+                          num_warps=w, num_stages=s) for bt, bk, bd, bg, w, s in shapes]
 
 
 def _fits(kind: str, cfg, G: int, elem: int) -> bool:
     """Register and shared-memory estimate of one config at padded block size G.
 
-    Registers: the fp32 accumulators held across a loop, per thread, must stay <= 128 (the
-    compiled check with ``cuobjdump`` confirms no spills). Shared memory: the pipelined operand
-    tiles must stay within 160 KB (sm_80 allows 163 KB, sm_90 228 KB).
+    Calibrated against the compiled kernels (``bench/aot_check.py``: registers and spills from
+    ``cuobjdump``) on sm_80, the tighter target. fp32 accumulator elements per thread held
+    across a loop: fwd (H and the output chunk) <= 80; dh (dH chunk, with A, H and dA beside
+    it) <= 16; dx (output chunk) <= 32; dW (transposed weight chunk) <= 64. Shared memory: the
+    pipelined tiles of the larger GEMM loop (plus H) within 160 KB (sm_80 allows 163 KB).
     """
     kw = cfg.kwargs
-    bt, bk, bd = kw["BLOCK_T"], kw["BLOCK_K"], kw["BLOCK_D"]
+    bt, bk, bd, bg = kw["BLOCK_T"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_G"]
     threads = 32 * cfg.num_warps
     s = cfg.num_stages
     if kind == "fwd":
-        regs = (bt * G * 1.5 + bt * bd) / threads
-        smem = s * (bt * bk + bk * G) * elem + s * G * bd * elem + bt * G * elem
-    elif kind == "bwd":
-        regs = (bt * G * 2.5 + bt * bd) / threads
-        smem = s * (bt * bd + bd * G) * elem + s * G * bd * elem + bt * G * elem
+        ok = bt * (G + bd) / threads <= 80
+        smem = s * max(bt * bk + bk * G, G * bd) * elem + bt * G * elem
+    elif kind == "dh":
+        ok = bg <= G and bt * bg / threads <= 16
+        smem = s * max(bt * bd + bd * bg, bt * bk + bk * bg) * elem
+    elif kind == "dx":
+        ok = bg <= G and bt * bd / threads <= 32
+        smem = s * (bt * bg + bg * bd) * elem
     else:
-        regs = (bd * G) / threads + 16
-        smem = s * (bd * bt + bt * G) * elem
-    return regs <= 128 and smem <= 160 * 1024
+        ok = bg <= G and bd * bg / threads <= 64
+        smem = s * (bd * bt + bt * bg) * elem
+    return ok and smem <= 160 * 1024
 
 
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
-        G = kwargs.get("G", named_args.get("G"))
-        x = named_args.get("x_ptr")
+        G = _padded_block(kwargs.get("BS", named_args.get("BS")))
+        x = named_args.get("x_ptr", named_args.get("keys_ptr"))
         elem = x.element_size() if hasattr(x, "element_size") else 2
         kept = [c for c in configs if _fits(kind, c, G, elem)]
         if not kept:  # never empty: the smallest config
-            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * (c.kwargs["BLOCK_D"] + G))]
+            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
         return kept
     return prune
 
@@ -205,8 +214,11 @@ def _block_ffn_fwd_kernel(
     BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
     HAS_OB: tl.constexpr, GATED: tl.constexpr, SAVE_A: tl.constexpr, ATOMIC: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
+    """Per tile: A = X_b K_b^T + b_b (stored per pair when SAVE_A), H = act(A) on chip,
+    then H V_b chunk by chunk over d_model, times the gate, combined into y.
+    (BLOCK_G is unused here: one config list serves every kernel.)"""
     i_t = tl.program_id(0)
     i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
     if found == 0:
@@ -242,95 +254,129 @@ def _block_ffn_fwd_kernel(
                          HAS_OB, ATOMIC, FIRST, LAST)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["d_model", "G", "ACT", "GATED", "LOAD_A"],
-                 prune_configs_by={"early_config_prune": _pruner("bwd")},
-                 restore_value=["acc_ptr", "dx_ptr"])
-@triton.jit(do_not_specialize=["seg_base"])
+
+@triton.autotune(configs=_configs("dh"), key=["d_model", "BS", "ACT", "GATED", "LOAD_A"],
+                 prune_configs_by={"early_config_prune": _pruner("dh")})
+@triton.jit
 def _block_ffn_bwd_kernel(
     x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, dy_ptr, a_ptr, order_ptr, seg_off_ptr,
-    da_ptr, gh_ptr, dgates_ptr, acc_ptr, dx_ptr,
-    d_model, top_k, n_blocks, seg_base,
-    stride_x, stride_k, stride_v, stride_dy, stride_dx,
-    BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
-    GATED: tl.constexpr, LOAD_A: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
-    LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    da_ptr, gh_ptr, dgates_ptr,
+    d_model, top_k, n_blocks, n_seg,
+    stride_x, stride_k, stride_v, stride_dy,
+    BS: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr, GATED: tl.constexpr,
+    LOAD_A: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
+    """Per tile, BLOCK_G cells at a time: dH = dY V^T, dgate = rowsum(H * dH),
+    dA = gate * dH * act'(A), gH = gate * H; dA and gH stored per sorted row."""
+    i_t = tl.program_id(0)
+    i_s, row0, row_end, found = _find_tile(i_t, seg_off_ptr, 0, n_seg, BLOCK_T, CHUNK)
+    if found == 0:
+        return
+    i_b = i_s % n_blocks
+    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    rmask = rows < row_end
+    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    tok = pair // top_k
+    p_rows = rows.to(tl.int64)[:, None] * BS
+    if GATED:
+        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
+        b_dgate = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in range(0, BS, BLOCK_G):
+        o_c = c0 + tl.arange(0, BLOCK_G)
+        cmask = o_c < BS
+        cells = i_b.to(tl.int64) * BS + o_c  # [BLOCK_G]
+        m_rc = rmask[:, None] & cmask[None, :]
+        b_dh = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
+        for d0 in range(0, d_model, BLOCK_D):
+            dn = d0 + tl.arange(0, BLOCK_D)
+            dmask = dn < d_model
+            b_dy = tl.load(dy_ptr + tok[:, None] * stride_dy + dn[None, :],
+                           mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+            b_vt = tl.load(values_ptr + cells[None, :] * stride_v + dn[:, None],
+                           mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, BLOCK_G]
+            b_dh = _dot(b_dy, b_vt, b_dh, DOT_PREC)
+        if LOAD_A:
+            b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
+                          other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_G]
+        else:
+            b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x,
+                          stride_k, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
+            if HAS_KB:
+                b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0)
+        if GATED:
+            b_dgate += tl.sum(b_h * b_dh, 1)
+            b_dh = b_dh * b_g[:, None]
+            b_h = b_h * b_g[:, None]
+        b_da = tl.where(cmask[None, :], b_dh * _act_grad(b_a, ACT), 0.0)
+        tl.store(da_ptr + p_rows + o_c[None, :], b_da.to(da_ptr.dtype.element_ty), mask=m_rc)
+        tl.store(gh_ptr + p_rows + o_c[None, :], b_h.to(gh_ptr.dtype.element_ty), mask=m_rc)
+    if GATED:
+        tl.store(dgates_ptr + pair, b_dgate, mask=rmask)
+
+
+@triton.autotune(configs=_configs("dx"), key=["d_model", "BS"],
+                 prune_configs_by={"early_config_prune": _pruner("dx")},
+                 restore_value=["acc_ptr", "dx_ptr"])
+@triton.jit(do_not_specialize=["seg_base"])
+def _block_ffn_bwd_dx_kernel(
+    keys_ptr, da_ptr, order_ptr, seg_off_ptr, acc_ptr, dx_ptr,
+    d_model, top_k, n_blocks, seg_base,
+    stride_k, stride_dx,
+    BS: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Per tile: dX rows = dA_rows K_b, chunk by chunk over d_model, combined like y."""
     i_t = tl.program_id(0)
     i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
     if found == 0:
         return
     rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
     rmask = rows < row_end
-    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tok = pair // top_k
-    o_c = tl.arange(0, G)
-    cmask = o_c < BS
-    cells = i_b.to(tl.int64) * BS + o_c  # [G]
-    m_rc = rmask[:, None] & cmask[None, :]
-
-    if LOAD_A:
-        b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
-                      other=0.0).to(tl.float32)  # [BLOCK_T, G]
-    else:
-        b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
-                      DOT_PREC, BLOCK_T, BLOCK_K, G)
-        if HAS_KB:
-            b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
-
-    b_dh = tl.zeros([BLOCK_T, G], dtype=tl.float32)
+    tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64) // top_k
+    p_rows = rows.to(tl.int64)[:, None] * BS
     for d0 in range(0, d_model, BLOCK_D):
         dn = d0 + tl.arange(0, BLOCK_D)
         dmask = dn < d_model
-        b_dy = tl.load(dy_ptr + tok[:, None] * stride_dy + dn[None, :],
-                       mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-        b_vt = tl.load(values_ptr + cells[None, :] * stride_v + dn[:, None],
-                       mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, G]
-        b_dh = _dot(b_dy, b_vt, b_dh, DOT_PREC)
-
-    b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0)
-    if GATED:
-        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
-        tl.store(dgates_ptr + pair, tl.sum(b_h * b_dh, 1), mask=rmask)
-        b_dh = b_dh * b_g[:, None]
-        b_h = b_h * b_g[:, None]
-    b_da = tl.where(cmask[None, :], b_dh * _act_grad(b_a, ACT), 0.0)
-    p_rows = rows.to(tl.int64)[:, None] * BS + o_c[None, :]
-    b_da = b_da.to(da_ptr.dtype.element_ty)
-    tl.store(da_ptr + p_rows, b_da, mask=m_rc)
-    tl.store(gh_ptr + p_rows, b_h.to(gh_ptr.dtype.element_ty), mask=m_rc)
-
-    for d0 in range(0, d_model, BLOCK_D):
-        dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < d_model
-        b_k = tl.load(keys_ptr + cells[:, None] * stride_k + dn[None, :],
-                      mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
-        b_dx = _dot(b_da, b_k, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
-        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, d_model, stride_dx,
-                         False, ATOMIC, FIRST, LAST)
+        b_dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        for c0 in range(0, BS, BLOCK_G):
+            o_c = c0 + tl.arange(0, BLOCK_G)
+            cmask = o_c < BS
+            cells = i_b.to(tl.int64) * BS + o_c
+            b_da = tl.load(da_ptr + p_rows + o_c[None, :],
+                           mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_G]
+            b_k = tl.load(keys_ptr + cells[:, None] * stride_k + dn[None, :],
+                          mask=cmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+            b_dx = _dot(b_da, b_k, b_dx, DOT_PREC)
+        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, d_model,
+                         stride_dx, False, ATOMIC, FIRST, LAST)
 
 
-@triton.autotune(configs=_configs("dw"), key=["d_model", "G"],
+@triton.autotune(configs=_configs("dw"), key=["d_model", "BS"],
                  prune_configs_by={"early_config_prune": _pruner("dw")})
 @triton.jit
 def _block_ffn_bwd_dw_kernel(
     x_ptr, buf_ptr, order_ptr, seg_off_ptr, out_ptr, dkb_ptr,
     d_model, top_k, n_blocks, n_slots,
     stride_x, stride_out,
-    BS: tl.constexpr, G: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BS: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """groupXtY: ``out[block b, :, chunk]^T = sum over b's rows  X[tok(row), chunk]^T buf[row]``
+    """groupXtY: ``out[block b cells, chunk]^T = sum over b's rows X[tok(row), chunk]^T buf[row]``
     (X = x, buf = dA for dkeys; X = dy, buf = gate * H for dvalues). With ``HAS_KB`` the
-    chunk-0 programs also write ``dkb[b] = colsum(buf)``. Rows are visited in sorted order."""
+    d-chunk-0 programs also write ``dkb[b] = colsum(buf)``. Rows are visited in sorted order,
+    slot by slot, so the sums are the same on every run."""
     i_b = tl.program_id(0)
     i_d = tl.program_id(1)
+    i_c = tl.program_id(2)
     dn = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dn < d_model
-    o_c = tl.arange(0, G)
+    o_c = i_c * BLOCK_G + tl.arange(0, BLOCK_G)
     cmask = o_c < BS
-    acc = tl.zeros([BLOCK_D, G], dtype=tl.float32)
-    b_db = tl.zeros([G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
+    b_db = tl.zeros([BLOCK_G], dtype=tl.float32)
     for j in range(0, n_slots):
         seg = j * n_blocks + i_b
         start = tl.load(seg_off_ptr + seg)
@@ -342,7 +388,7 @@ def _block_ffn_bwd_dw_kernel(
             b_xt = tl.load(x_ptr + tok[None, :] * stride_x + dn[:, None],
                            mask=rmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
             b_buf = tl.load(buf_ptr + rows.to(tl.int64)[:, None] * BS + o_c[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, G]
+                            mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_G]
             acc = _dot(b_xt, b_buf, acc, DOT_PREC)
             if HAS_KB:
                 b_db += tl.sum(b_buf.to(tl.float32), 0)
@@ -460,7 +506,7 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
         raise ValueError(f"dy must be contiguous {tuple(x2d.shape)} {x2d.dtype}, got "
                          f"{tuple(dy.shape)} {dy.dtype}")
     key_bias, gates = _contig(key_bias), _contig(gates)
-    G = _padded_block(block_size)
+    _padded_block(block_size)
     T, d_model = x2d.shape
     top_k = indices.shape[1]
     n_blocks = keys.shape[0] // block_size
@@ -484,50 +530,57 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
         acc = torch.zeros((T, d_model), device=dev, dtype=torch.float32)
         dx = acc
     prec = dot_precision(dtype)
-    common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
-                  GATED=gates is not None, LOAD_A=load_a, ATOMIC=not by_slot, DOT_PREC=prec,
-                  CHUNK=_SCHED_CHUNK)
-    args = (x2d, keys, values, key_bias if key_bias is not None else x2d,
-            gates if gates is not None else x2d, dy, saved if load_a else x2d,
-            routing.order, routing.seg_offsets, da, gh,
-            dgates if dgates is not None else x2d, acc, dx)
-    n_launch = top_k if by_slot else 1
+    n_slots = top_k if by_slot else 1
+    kb_arg = key_bias if key_bias is not None else x2d
+    grid_h = lambda meta: (max_tiles(T * top_k, n_blocks * n_slots, meta["BLOCK_T"]),)
+    _block_ffn_bwd_kernel[grid_h](
+        x2d, keys, values, kb_arg, gates if gates is not None else x2d, dy,
+        saved if load_a else x2d, routing.order, routing.seg_offsets, da, gh,
+        dgates if dgates is not None else x2d,
+        d_model, top_k, n_blocks, n_blocks * n_slots,
+        x2d.stride(0), keys.stride(0), values.stride(0), dy.stride(0),
+        BS=block_size, ACT=activation, HAS_KB=key_bias is not None, GATED=gates is not None,
+        LOAD_A=load_a, DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
+
     pairs = T if by_slot else T * top_k
-    grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
-    for j in range(n_launch):
-        _block_ffn_bwd_kernel[grid](
-            *args, d_model, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
-            values.stride(0), dy.stride(0), dx.stride(0),
-            FIRST=j == 0, LAST=j == n_launch - 1, **common)
+    grid_x = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
+    for j in range(n_slots):
+        _block_ffn_bwd_dx_kernel[grid_x](
+            keys, da, routing.order, routing.seg_offsets, acc, dx,
+            d_model, top_k, n_blocks, j * n_blocks, keys.stride(0), dx.stride(0),
+            BS=block_size, ATOMIC=not by_slot, FIRST=j == 0, LAST=j == n_slots - 1,
+            DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
     if not by_slot and dtype != torch.float32:
         dx = acc.to(dtype)
 
     dkeys = torch.empty_like(keys)
     dvalues = torch.empty_like(values)
     dkey_bias = torch.empty_like(key_bias) if key_bias is not None else None
-    n_slots = top_k if by_slot else 1
-    grid_w = lambda meta: (n_blocks, triton.cdiv(d_model, meta["BLOCK_D"]))
+    grid_w = lambda meta: (n_blocks, triton.cdiv(d_model, meta["BLOCK_D"]),
+                           triton.cdiv(block_size, meta["BLOCK_G"]))
     _block_ffn_bwd_dw_kernel[grid_w](
         x2d, da, routing.order, routing.seg_offsets, dkeys,
         dkey_bias if dkey_bias is not None else dkeys,
         d_model, top_k, n_blocks, n_slots, x2d.stride(0), dkeys.stride(0),
-        BS=block_size, G=G, HAS_KB=key_bias is not None, DOT_PREC=prec)
+        BS=block_size, HAS_KB=key_bias is not None, DOT_PREC=prec)
     _block_ffn_bwd_dw_kernel[grid_w](
         dy, gh, routing.order, routing.seg_offsets, dvalues, dvalues,
         d_model, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
-        BS=block_size, G=G, HAS_KB=False, DOT_PREC=prec)
+        BS=block_size, HAS_KB=False, DOT_PREC=prec)
     return dx, dkeys, dvalues, dkey_bias, dgates
 
 
 def _unwrap(kernel):
-    while not isinstance(kernel, triton.runtime.JITFunction):
+    """The @triton.jit function under the autotuner (the interpreted one under the
+    interpreter, where it cannot be compiled ahead of time anyway)."""
+    while isinstance(kernel, triton.runtime.Autotuner):
         kernel = kernel.fn
     return kernel
 
 
 def _cfg_name(cfg) -> str:
     kw = cfg.kwargs
-    return (f"BT={kw['BLOCK_T']},BK={kw['BLOCK_K']},BD={kw['BLOCK_D']},"
+    return (f"BT={kw['BLOCK_T']},BK={kw['BLOCK_K']},BD={kw['BLOCK_D']},BG={kw['BLOCK_G']},"
             f"w={cfg.num_warps},s={cfg.num_stages}")
 
 
@@ -535,9 +588,10 @@ _FWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "ob_ptr", 
             "seg_off_ptr", "a_ptr", "acc_ptr", "y_ptr", "d_model", "top_k", "n_blocks", "seg_base",
             "stride_x", "stride_k", "stride_v", "stride_y")
 _BWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "dy_ptr", "a_ptr",
-            "order_ptr", "seg_off_ptr", "da_ptr", "gh_ptr", "dgates_ptr", "acc_ptr", "dx_ptr",
-            "d_model", "top_k", "n_blocks", "seg_base", "stride_x", "stride_k", "stride_v",
-            "stride_dy", "stride_dx")
+            "order_ptr", "seg_off_ptr", "da_ptr", "gh_ptr", "dgates_ptr", "d_model", "top_k",
+            "n_blocks", "n_seg", "stride_x", "stride_k", "stride_v", "stride_dy")
+_DX_SIG = ("keys_ptr", "da_ptr", "order_ptr", "seg_off_ptr", "acc_ptr", "dx_ptr", "d_model",
+           "top_k", "n_blocks", "seg_base", "stride_k", "stride_dx")
 _DW_SIG = ("x_ptr", "buf_ptr", "order_ptr", "seg_off_ptr", "out_ptr", "dkb_ptr", "d_model", "top_k",
            "n_blocks", "n_slots", "stride_x", "stride_out")
 
@@ -562,11 +616,15 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
     """Every GPU tuning config that survives the prune step, for each kernel, in bf16, fp16 and
     fp32, at block sizes 64 and 256 (256 is the register-heaviest), every optional input on
     (gelu, both biases, gates). The forward and dx kernels are compiled with the atomic combine
-    at g=64 and the deterministic middle-slot combine (load, add, store) at g=256; the backward
+    at g=64 and the deterministic middle-slot combine (load, add, store) at g=256; the dh kernel
     with the stored pre-activation and with the recompute (a third GEMM)."""
     specs = []
-    fwd, bwd, dw = (_unwrap(k) for k in (_block_ffn_fwd_kernel, _block_ffn_bwd_kernel,
-                                           _block_ffn_bwd_dw_kernel))
+    kernels = {kind: _unwrap(k) for kind, k in (
+        ("fwd", _block_ffn_fwd_kernel), ("dh", _block_ffn_bwd_kernel),
+        ("dx", _block_ffn_bwd_dx_kernel), ("dw", _block_ffn_bwd_dw_kernel))}
+    names = {"fwd": "block_ffn_fwd", "dh": "block_ffn_bwd_dh", "dx": "block_ffn_bwd_dx",
+             "dw": "block_ffn_bwd_dw"}
+    sigs = {"fwd": _FWD_SIG, "dh": _BWD_SIG, "dx": _DX_SIG, "dw": _DW_SIG}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         t = TRITON_DTYPE_NAMES[dtype]
         elem = torch.tensor([], dtype=dtype).element_size()
@@ -574,30 +632,27 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
         for bs in block_sizes:
             G = _padded_block(bs)
             atomic = bs == block_sizes[0]
-            flags = dict(BS=bs, G=G, ACT="gelu", HAS_KB=True, GATED=True, ATOMIC=atomic,
-                         FIRST=False, LAST=False, DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
-            for cfg in _configs("fwd", interpret=False):
-                if _fits("fwd", cfg, G, elem):
-                    cx = dict(flags, HAS_OB=True, SAVE_A=True, **cfg.kwargs)
-                    specs.append(AOTSpec(
-                        name=f"block_ffn_fwd[{t},g={bs},{_cfg_name(cfg)},atomic={int(atomic)}]",
-                        kernel=fwd, signature=_signature(_FWD_SIG, t, cx), constexprs=cx,
-                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            for cfg in _configs("bwd", interpret=False):
-                if not _fits("bwd", cfg, G, elem):
-                    continue
-                for load_a in (True, False):
-                    cx = dict(flags, LOAD_A=load_a, **cfg.kwargs)
-                    specs.append(AOTSpec(
-                        name=(f"block_ffn_bwd[{t},g={bs},{_cfg_name(cfg)},atomic={int(atomic)},"
-                              f"load_a={int(load_a)}]"),
-                        kernel=bwd, signature=_signature(_BWD_SIG, t, cx), constexprs=cx,
-                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            for cfg in _configs("dw", interpret=False):
-                if _fits("dw", cfg, G, elem):
-                    cx = dict(BS=bs, G=G, HAS_KB=True, DOT_PREC=prec, **cfg.kwargs)
-                    specs.append(AOTSpec(
-                        name=f"block_ffn_bwd_dw[{t},g={bs},{_cfg_name(cfg)}]",
-                        kernel=dw, signature=_signature(_DW_SIG, t, cx), constexprs=cx,
-                        is_gemm=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            combine = dict(ATOMIC=atomic, FIRST=False, LAST=False, CHUNK=_SCHED_CHUNK)
+            variants = {
+                "fwd": [dict(combine, G=G, ACT="gelu", HAS_KB=True, HAS_OB=True, GATED=True,
+                             SAVE_A=True)],
+                "dh": [dict(ACT="gelu", HAS_KB=True, GATED=True, LOAD_A=load_a,
+                            CHUNK=_SCHED_CHUNK) for load_a in (True, False)],
+                "dx": [combine],
+                "dw": [dict(HAS_KB=True)],
+            }
+            for kind, flag_sets in variants.items():
+                for cfg in _configs(kind, interpret=False):
+                    if not _fits(kind, cfg, G, elem):
+                        continue
+                    for flags in flag_sets:
+                        cx = dict(flags, BS=bs, DOT_PREC=prec, **cfg.kwargs)
+                        extra = ",atomic=1" if cx.get("ATOMIC") else ""
+                        if "LOAD_A" in cx:
+                            extra += f",load_a={int(cx['LOAD_A'])}"
+                        specs.append(AOTSpec(
+                            name=f"{names[kind]}[{t},g={bs},{_cfg_name(cfg)}{extra}]",
+                            kernel=kernels[kind], signature=_signature(sigs[kind], t, cx),
+                            constexprs=cx, is_gemm=True, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages))
     return specs
