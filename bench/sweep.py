@@ -314,17 +314,19 @@ def sfnn_backend_reasons(device: str) -> dict:
 
 
 def _quantiles(samples_ms: list) -> tuple:
+    """(median, 20th percentile, 80th percentile, minimum)."""
     s = sorted(samples_ms)
     if len(s) == 1:
-        return s[0], s[0], s[0]
+        return s[0], s[0], s[0], s[0]
     q = statistics.quantiles(s, n=10, method="inclusive")
-    return statistics.median(s), q[1], q[7]
+    return statistics.median(s), q[1], q[7], s[0]
 
 
 def time_cpu(fns: dict, budget_s: float, min_reps: int = 5, max_reps: int = 50) -> dict:
     """Interleaved perf_counter timing: one warm-up call each, then rounds in which every
     provider runs once (the order rotated each round), until ``min_reps`` rounds and
-    ``budget_s`` seconds (or ``max_reps``). Returns name -> (median, p20, p80, reps) in ms."""
+    ``budget_s`` seconds (or ``max_reps``). Returns name -> (median, p20, p80, min, reps) in
+    ms, reps being the number of timed rounds."""
     names = list(fns)
     round_s = 0.0
     for n in names:
@@ -351,8 +353,9 @@ def time_cuda(fns: dict, budget_s: float, min_reps: int = 0, max_reps: int = 0) 
         try:
             from triton.testing import do_bench
 
-            med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-            out[n] = (med, p20, p80, -1)
+            med, p20, p80, low = do_bench(fn, warmup=25, rep=100,
+                                          quantiles=[0.5, 0.2, 0.8, 0.0])
+            out[n] = (med, p20, p80, low, -1)
         except ImportError:
             fn()
             torch.cuda.synchronize()
@@ -443,7 +446,8 @@ class Ceilings:
 
 
 def measure_ceilings(device: str, dtypes: list, how: str, small: bool = False) -> Ceilings:
-    """A big matmul per dtype and a big copy, timed like the cases; VERIFYING.md's H200
+    """A big matmul per dtype and a big copy, timed like the cases (the fastest run: a ceiling
+    is what the machine can do); VERIFYING.md's H200
     numbers when ``how == "h200"`` or a measurement fails. ``small``: quarter-size, for smoke."""
     if how == "h200":
         return Ceilings({d: H200_TFLOPS.get(d, 790.0) for d in dtypes}, H200_GBS,
@@ -461,8 +465,8 @@ def measure_ceilings(device: str, dtypes: list, how: str, small: bool = False) -
             def mm(a=a, b=b):
                 torch.mm(a, b)
 
-            med = timer({"mm": mm}, budget_s=1.0, min_reps=3, max_reps=10)["mm"][0]
-            tflops[name] = 2 * n**3 / (med * 1e-3) / 1e12
+            best = timer({"mm": mm}, budget_s=1.0, min_reps=3, max_reps=10)["mm"][3]
+            tflops[name] = 2 * n**3 / (best * 1e-3) / 1e12
             del a, b
         except Exception:  # noqa: BLE001
             tflops[name] = H200_TFLOPS.get(name, 790.0)
@@ -475,8 +479,8 @@ def measure_ceilings(device: str, dtypes: list, how: str, small: bool = False) -
         def cp(src=src, dst=dst):
             dst.copy_(src)
 
-        med = timer({"copy": cp}, budget_s=1.0, min_reps=3, max_reps=10)["copy"][0]
-        gbs = 2 * copy_elems * 4 / (med * 1e-3) / 1e9
+        best = timer({"copy": cp}, budget_s=1.0, min_reps=3, max_reps=10)["copy"][3]
+        gbs = 2 * copy_elems * 4 / (best * 1e-3) / 1e9
         parts.append(f"{copy_elems * 4 // 2**20} MiB copy")
         del src, dst
     except Exception:  # noqa: BLE001
@@ -628,7 +632,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 FIELDS = [
     "date", "device", "device_name", "torch", "triton", "sfnn_commit", "preset", "threads",
     "tag", "mode", "provider", "dtype", "activation", "tokens", "d_model", "d_ff", "block_size",
-    "top_k", "n_blocks", "density", "distinct_blocks", "ms", "ms_p20", "ms_p80", "reps",
+    "top_k", "n_blocks", "density", "distinct_blocks", "ms", "ms_p20", "ms_p80", "ms_min", "reps",
     "useful_tflops", "provider_tflops", "gbs", "speedup_vs_dense", "peak_mem_mb", "floor_ms",
     "frac_of_floor", "floor_flops", "floor_bytes", "ceiling_tflops", "ceiling_gbs",
     "ceiling_source", "rel_err", "check", "load_1m",
@@ -667,7 +671,7 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
                   costs["floor_bytes"] / (ceilings.gbs * 1e9))
     dense_ms = times["dense"][0] if "dense" in times else None
     rows = []
-    for prov, (med, p20, p80, reps) in times.items():
+    for prov, (med, p20, p80, low, reps) in times.items():
         sec = med * 1e-3
         prov_flops = costs["dense_flops"] if prov in ("dense", "naive") else costs["floor_flops"]
         rel = check = ""
@@ -680,7 +684,7 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
             "d_ff": case.d_ff, "block_size": case.block_size, "top_k": case.top_k,
             "n_blocks": case.n_blocks, "density": case.density,
             "distinct_blocks": pb.distinct_blocks, "ms": med, "ms_p20": p20, "ms_p80": p80,
-            "reps": reps, "useful_tflops": costs["useful_flops"] / sec / 1e12,
+            "ms_min": low, "reps": reps, "useful_tflops": costs["useful_flops"] / sec / 1e12,
             "provider_tflops": prov_flops / sec / 1e12,
             "gbs": costs["floor_bytes"] / sec / 1e9,
             "speedup_vs_dense": dense_ms / med if dense_ms else "",
@@ -908,7 +912,10 @@ def main(argv=None) -> int:
     bar = tqdm(total=len(cases), file=sys.stderr, mininterval=1.0) if show_bar else None
 
     def log(msg: str) -> None:
-        (bar.write if bar is not None else print)(msg)
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
 
     rows, notes = [], []
     done = 0
@@ -951,6 +958,12 @@ def main(argv=None) -> int:
     for p in sorted({p for c in cases for p in c.providers}):
         if reasons.get(p):
             notes.append(f"provider {p} not run: {reasons[p]}")
+    loads = [r["load_1m"] for r in rows if r["load_1m"] != ""]
+    if device == "cpu" and loads and max(loads) > args.threads + 1:
+        notes.insert(0, f"the 1-minute load average reached {max(loads):.1f} on "
+                        f"{os.cpu_count()} cores (threads={args.threads}): other processes "
+                        "shared the CPU, so times are inflated and noisy; ms_min in the CSV is "
+                        "the least disturbed run")
 
     write_csv(rows, os.path.join(out_dir, CSV_NAME))
     write_markdown(rows, os.path.join(out_dir, MD_NAME), meta, ceilings, notes)
