@@ -152,32 +152,38 @@ def main(argv=None) -> int:
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in archs]
     print(f"triton {triton.__version__}: {len(_SPECS)} specs x {len(archs)} archs, "
           f"{args.jobs} jobs", flush=True)
-    if args.jobs > 1:
-        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
-            rows = list(pool.map(_compile_one, jobs))
-    else:
-        rows = [_compile_one(j) for j in jobs]
-
     header = (f"{'kernel config':<64} {'sm':>3} {'regs':>5} {'spill':>6} {'smem':>7} "
               f"{'mma':>10} {'s':>5}")
     print(header)
-    print("-" * len(header))
-    failures = spills = smem_over = 0
-    for row in sorted(rows, key=lambda r: (r["idx"], r["arch"])):
+    print("-" * len(header), flush=True)
+    counts = {"failures": 0, "spills": 0, "smem_over": 0}
+    rows = []
+
+    def report(row):  # one line per compile, as it finishes, so a slow run shows progress
+        rows.append(row)
         if not row["ok"]:
-            failures += 1
-            print(f"{row['name']:<64} {row['arch']:>3} FAILED: {row['error'][:300]}")
+            counts["failures"] += 1
+            print(f"{row['name']:<64} {row['arch']:>3} FAILED: {row['error'][:300]}", flush=True)
             print(row["trace"], file=sys.stderr)
-            continue
-        spills += row["spill"] > 0
+            return
+        counts["spills"] += row["spill"] > 0
         over = row["smem"] > SMEM_LIMIT.get(row["arch"], SMEM_LIMIT[80])
-        smem_over += over
+        counts["smem_over"] += over
         mma = "-"
         if row["is_gemm"]:
             mma = f"HGMMA:{row['hgmma']}" if row["hgmma"] else f"HMMA:{row['hmma']}"
         flags = (" SPILL" if row["spill"] else "") + (" SMEM>LIMIT" if over else "")
         print(f"{row['name']:<64} {row['arch']:>3} {row['regs']:>5} {row['spill']:>6} "
-              f"{row['smem']:>7} {mma:>10} {row['secs']:>5.1f}{flags}")
+              f"{row['smem']:>7} {mma:>10} {row['secs']:>5.1f}{flags}", flush=True)
+
+    if args.jobs > 1:
+        with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
+            for row in pool.map(_compile_one, jobs):
+                report(row)
+    else:
+        for job in jobs:
+            report(_compile_one(job))
+    failures, spills, smem_over = counts["failures"], counts["spills"], counts["smem_over"]
 
     gemm_rows = [r for r in rows if r["is_gemm"] and r["arch"] == 90]
     hgmma_ok = sum(1 for r in gemm_rows if r["ok"] and r["hgmma"] > 0)

@@ -52,9 +52,20 @@ def _k_pad(top_k: int) -> int:
     return max(2, triton.next_power_of_2(top_k))
 
 
+def _d_split(dtype, precision: str) -> int:
+    """How finely a BLOCK_D chunk is split for fp32 x (see the kernel's D_STEP)."""
+    kind = _dot_kind(dtype, precision)
+    return {"16bit": 1, "tf32": 2, "ieee": 4}[kind]
+
+
 @constexpr_function
 def _log2(n):
     return int(n).bit_length() - 1
+
+
+@constexpr_function
+def _d_step(block_d, d_split):
+    return max(16, block_d // d_split)
 
 
 @triton.jit
@@ -117,23 +128,30 @@ def _merge_rows_desc(x):
     return tl.reshape(h, x.shape)
 
 
-# (BLOCK_T, BLOCK_N, BLOCK_D, num_warps, num_stages, largest K_PAD). BLOCK_T >= 64 so that the
-# score GEMM runs on Hopper's warpgroup MMA. The running top-K list and the chunk's keys are int64
-# in registers: the largest K_PAD of each shape is the largest that compiles without spills on
-# sm_80 and sm_90 (bench/aot_check.py compiles each shape at that K_PAD and at small ones).
+# (BLOCK_T, BLOCK_N, BLOCK_D, num_warps, num_stages, largest K_PAD per dot kind). BLOCK_T >= 64
+# so that the score GEMM runs on Hopper's warpgroup MMA. The running top-K list and the chunk's
+# keys are int64 in registers: each shape admits a K_PAD up to the largest that compiles without
+# spills on sm_80 and sm_90 (bench/aot_check.py compiles each shape at that K_PAD) for its dot
+# kind: "16bit" (bf16/fp16 x, hi/lo kbar), "tf32" (fp32 x, tf32) and "ieee" (fp32 x, FMA dot,
+# whose operand tiles also live in registers; 0 = not offered). The first shape takes every
+# K_PAD up to MAX_TOP_K in every kind.
 _CONFIG_SHAPES = [
-    (64, 64, 64, 4, 3, 64),
-    (64, 128, 64, 8, 3, 64),
-    (128, 64, 64, 8, 3, 32),
-    (128, 128, 32, 8, 3, 16),
+    (64, 64, 64, 8, 3, {"16bit": 64, "tf32": 64, "ieee": 64}),
+    (64, 128, 64, 8, 3, {"16bit": 32, "tf32": 32, "ieee": 16}),
+    (128, 64, 64, 8, 3, {"16bit": 32, "tf32": 32, "ieee": 16}),
+    (128, 128, 32, 8, 3, {"16bit": 16, "tf32": 0, "ieee": 0}),
 ]
 
 
-def _max_k_pad(cfg: triton.Config) -> int:
+def _dot_kind(x_dtype, precision: str) -> str:
+    return precision if x_dtype in (torch.float32, "fp32") else "16bit"
+
+
+def _max_k_pad(cfg: triton.Config, kind: str) -> int:
     kw = cfg.kwargs
     for bt, bn, bd, w, _, max_k in _CONFIG_SHAPES:
         if (kw["BLOCK_T"], kw["BLOCK_N"], kw["BLOCK_D"], cfg.num_warps) == (bt, bn, bd, w):
-            return max_k
+            return max_k[kind]
     return kw.get("BLOCK_N", 0)
 
 
@@ -159,7 +177,8 @@ def _prune_avgk_topk(configs, named_args, **kwargs):
     """Keep configs whose chunk holds K_PAD keys (the chunk top-k needs K_PAD <= BLOCK_N) and
     whose registers hold a K_PAD-long running list without spilling."""
     k_pad = kwargs["K_PAD"]
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= k_pad and _max_k_pad(c) >= k_pad]
+    kind = _dot_kind(named_args["x_ptr"].dtype, kwargs["DOT_PRECISION"])
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= k_pad and _max_k_pad(c, kind) >= k_pad]
     if not kept:
         raise ValueError(f"avgk_topk: no tuning config holds K_PAD={k_pad} (top_k <= {MAX_TOP_K})")
     return kept
@@ -190,10 +209,14 @@ def _avgk_topk_kernel(
     RETURN_SCORES: tl.constexpr,
     K_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    D_SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # fp32 operands take twice the registers of 16-bit ones (and an FMA "ieee" dot holds both
+    # tiles in registers): such configs step through d_model in BLOCK_D // D_SPLIT chunks.
+    D_STEP: tl.constexpr = _d_step(BLOCK_D, D_SPLIT)
     i_t = tl.program_id(0).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] int64
     m_t = o_t < T
@@ -202,13 +225,13 @@ def _avgk_topk_kernel(
         o_n = n0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         m_n = o_n < n_blocks
         b_s = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, d_model, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)  # [BLOCK_D]
+        for d0 in range(0, d_model, D_STEP):
+            o_d = d0 + tl.arange(0, D_STEP)  # [D_STEP]
             m_d = o_d < d_model
-            p_x = x_ptr + o_t[:, None] * stride_x_t + o_d[None, :]  # [BLOCK_T, BLOCK_D]
+            p_x = x_ptr + o_t[:, None] * stride_x_t + o_d[None, :]  # [BLOCK_T, D_STEP]
             b_x = tl.load(p_x, mask=m_t[:, None] & m_d[None, :], other=0.0)
             p_k = kbar_ptr + o_n[None, :].to(tl.int64) * stride_kbar_b + o_d[:, None]
-            b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
+            b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [D_STEP, BLOCK_N]
             if x_ptr.dtype.element_ty == tl.float32:
                 b_s = tl.dot(b_x, b_k, b_s, input_precision=DOT_PRECISION)
             else:
@@ -281,6 +304,8 @@ def avgk_topk(
     if T == 0:
         return (indices, scores) if return_scores else indices
 
+    precision = dot_precision(x2d.dtype)
+
     def grid(meta):
         return (triton.cdiv(T, meta["BLOCK_T"]),)
 
@@ -291,26 +316,29 @@ def avgk_topk(
         x2d.stride(0), kbar.stride(0), indices.stride(0),
         scores.stride(0) if scores is not None else 0,
         HAS_BIAS=bbar is not None, RETURN_SCORES=return_scores, K_PAD=_k_pad(top_k),
-        DOT_PRECISION=dot_precision(x2d.dtype),
+        DOT_PRECISION=precision, D_SPLIT=_d_split(x2d.dtype, precision),
     )
     return (indices, scores) if return_scores else indices
 
 
 def aot_specs() -> list[AOTSpec]:
-    """Every tuning config, with bias and scores on (the superset of the work): bf16 at K_PAD 2,
-    8 and the config's largest, fp16 at 8 and the largest, fp32 at the largest with both dot
-    precisions ("ieee" is an FMA dot by design, so not counted as a GEMM for HGMMA)."""
+    """Every tuning config, with bias and scores on (the superset of the work), at the largest
+    K_PAD it admits (registers grow with K_PAD) in bf16, fp16 and fp32 with both dot precisions
+    where offered ("ieee" is an FMA dot by design, so not counted as a GEMM for HGMMA), and at
+    K_PAD 2 (the shortest bitonic network) in bf16."""
     kernel = _avgk_topk_kernel
     while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     specs = []
     for cfg in _avgk_topk_configs():
         kw = cfg.kwargs
-        max_k = _max_k_pad(cfg)
-        variants = [("bf16", "tf32", k) for k in sorted({2, 8, max_k})]
-        variants += [("fp16", "tf32", k) for k in sorted({8, max_k})]
-        variants += [("fp32", "ieee", max_k), ("fp32", "tf32", max_k)]
+        max_16 = _max_k_pad(cfg, "16bit")
+        variants = [("bf16", "tf32", 2), ("bf16", "tf32", max_16), ("fp16", "tf32", max_16),
+                    ("fp32", "tf32", _max_k_pad(cfg, "tf32")),
+                    ("fp32", "ieee", _max_k_pad(cfg, "ieee"))]
         for t, prec, k_pad in variants:
+            if k_pad == 0:  # this shape is not offered for this dot kind
+                continue
             signature = {
                 "x_ptr": f"*{t}", "kbar_ptr": "*fp32", "bbar_ptr": "*fp32",
                 "idx_ptr": "*i32", "score_ptr": "*fp32",
@@ -318,11 +346,11 @@ def aot_specs() -> list[AOTSpec]:
                 "stride_x_t": "i32", "stride_kbar_b": "i32", "stride_idx_t": "i32",
                 "stride_score_t": "i32",
                 "HAS_BIAS": "constexpr", "RETURN_SCORES": "constexpr", "K_PAD": "constexpr",
-                "DOT_PRECISION": "constexpr", "BLOCK_T": "constexpr", "BLOCK_N": "constexpr",
-                "BLOCK_D": "constexpr",
+                "DOT_PRECISION": "constexpr", "D_SPLIT": "constexpr", "BLOCK_T": "constexpr",
+                "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
             }
             constexprs = {"HAS_BIAS": True, "RETURN_SCORES": True, "K_PAD": k_pad,
-                          "DOT_PRECISION": prec, **kw}
+                          "DOT_PRECISION": prec, "D_SPLIT": _d_split(t, prec), **kw}
             specs.append(AOTSpec(
                 name=(f"avgk_topk[{t}/{prec},T={kw['BLOCK_T']},N={kw['BLOCK_N']},"
                       f"D={kw['BLOCK_D']},K={k_pad},w={cfg.num_warps}]"),
