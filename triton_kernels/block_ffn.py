@@ -158,8 +158,20 @@ def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
         "dw": [(64, 0, 64, 64, 4, 3), (64, 0, 128, 64, 8, 3), (128, 0, 64, 128, 8, 3),
                (32, 0, 128, 128, 8, 4)],
     }[kind]
+    # True-fp32 products (input_precision="ieee", the default for fp32 inputs) have no
+    # tensor-core path: tl.dot runs on FMA units and needs small tiles to stay in registers.
+    shapes = shapes + [_IEEE_SHAPE[kind]]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd, "BLOCK_G": bg},
                           num_warps=w, num_stages=s) for bt, bk, bd, bg, w, s in shapes]
+
+
+_IEEE_SHAPE = {"fwd": (32, 32, 32, 0, 8, 2), "dh": (32, 32, 32, 32, 4, 2),
+               "dx": (32, 0, 32, 32, 4, 2), "dw": (32, 0, 32, 32, 4, 2)}
+
+
+def _is_ieee(cfg) -> bool:
+    """The FMA-path config of a kernel (32 x 32 tiles), used only for ``DOT_PREC="ieee"``."""
+    return cfg.kwargs["BLOCK_T"] == 32 and cfg.kwargs["BLOCK_D"] == 32
 
 
 def _fits(kind: str, cfg, G: int, elem: int) -> bool:
@@ -195,7 +207,10 @@ def _pruner(kind: str):
         G = _padded_block(kwargs.get("BS", named_args.get("BS")))
         x = named_args.get("x_ptr", named_args.get("keys_ptr"))
         elem = x.element_size() if hasattr(x, "element_size") else 2
-        kept = [c for c in configs if _fits(kind, c, G, elem)]
+        if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee":
+            kept = [c for c in configs if _is_ieee(c)]
+        else:
+            kept = [c for c in configs if not _is_ieee(c) and _fits(kind, c, G, elem)]
         if not kept:  # never empty: the smallest config
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
         return kept
@@ -617,7 +632,10 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
     fp32, at block sizes 64 and 256 (256 is the register-heaviest), every optional input on
     (gelu, both biases, gates). The forward and dx kernels are compiled with the atomic combine
     at g=64 and the deterministic middle-slot combine (load, add, store) at g=256; the dh kernel
-    with the stored pre-activation and with the recompute (a third GEMM)."""
+    with the stored pre-activation and with the recompute (a third GEMM). fp32 comes twice:
+    "fp32-tf32" (matmul precision "high"/"medium": tensor cores, is_gemm) and "fp32-ieee"
+    (precision "highest", the default: true fp32 products, which no NVIDIA tensor core offers,
+    so tl.dot runs on the FMA units; is_gemm=False as HGMMA cannot appear)."""
     specs = []
     kernels = {kind: _unwrap(k) for kind, k in (
         ("fwd", _block_ffn_fwd_kernel), ("dh", _block_ffn_bwd_kernel),
@@ -625,10 +643,10 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
     names = {"fwd": "block_ffn_fwd", "dh": "block_ffn_bwd_dh", "dx": "block_ffn_bwd_dx",
              "dw": "block_ffn_bwd_dw"}
     sigs = {"fwd": _FWD_SIG, "dh": _BWD_SIG, "dx": _DX_SIG, "dw": _DW_SIG}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"),
+                        (torch.float32, "tf32"), (torch.float32, "ieee")):
         t = TRITON_DTYPE_NAMES[dtype]
         elem = torch.tensor([], dtype=dtype).element_size()
-        prec = "ieee" if dtype == torch.float32 else "tf32"
         for bs in block_sizes:
             G = _padded_block(bs)
             atomic = bs == block_sizes[0]
@@ -643,16 +661,18 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
             }
             for kind, flag_sets in variants.items():
                 for cfg in _configs(kind, interpret=False):
-                    if not _fits(kind, cfg, G, elem):
+                    if (prec == "ieee") != _is_ieee(cfg) or (
+                            prec != "ieee" and not _fits(kind, cfg, G, elem)):
                         continue
                     for flags in flag_sets:
                         cx = dict(flags, BS=bs, DOT_PREC=prec, **cfg.kwargs)
                         extra = ",atomic=1" if cx.get("ATOMIC") else ""
                         if "LOAD_A" in cx:
                             extra += f",load_a={int(cx['LOAD_A'])}"
+                        tname = f"{t}-{prec}" if dtype == torch.float32 else t
                         specs.append(AOTSpec(
-                            name=f"{names[kind]}[{t},g={bs},{_cfg_name(cfg)}{extra}]",
+                            name=f"{names[kind]}[{tname},g={bs},{_cfg_name(cfg)}{extra}]",
                             kernel=kernels[kind], signature=_signature(sigs[kind], t, cx),
-                            constexprs=cx, is_gemm=True, num_warps=cfg.num_warps,
+                            constexprs=cx, is_gemm=prec != "ieee", num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages))
     return specs
