@@ -165,7 +165,7 @@ def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
                           num_warps=w, num_stages=s) for bt, bk, bd, bg, w, s in shapes]
 
 
-_IEEE_SHAPE = {"fwd": (32, 32, 32, 0, 8, 2), "dh": (32, 32, 32, 32, 4, 2),
+_IEEE_SHAPE = {"fwd": (32, 32, 32, 0, 8, 2), "dh": (32, 32, 32, 32, 8, 2),
                "dx": (32, 0, 32, 32, 4, 2), "dw": (32, 0, 32, 32, 4, 2)}
 
 
@@ -180,7 +180,8 @@ def _fits(kind: str, cfg, G: int, elem: int) -> bool:
     Calibrated against the compiled kernels (``bench/aot_check.py``: registers and spills from
     ``cuobjdump``) on sm_80, the tighter target. fp32 accumulator elements per thread held
     across a loop: fwd (H and the output chunk) <= 80; dh (dH chunk, with A, H and dA beside
-    it) <= 16; dx (output chunk) <= 32; dW (transposed weight chunk) <= 64. Shared memory: the
+    it) <= 16; dx (output chunk) <= 32, and d_model chunks <= 64 for fp32; dW (transposed weight
+    chunk) <= 64. Shared memory: the
     pipelined tiles of the larger GEMM loop (plus H) within 160 KB (sm_80 allows 163 KB).
     """
     kw = cfg.kwargs
@@ -194,7 +195,7 @@ def _fits(kind: str, cfg, G: int, elem: int) -> bool:
         ok = bg <= G and bt * bg / threads <= 16
         smem = s * max(bt * bd + bd * bg, bt * bk + bk * bg) * elem
     elif kind == "dx":
-        ok = bg <= G and bt * bd / threads <= 32
+        ok = bg <= G and bt * bd / threads <= 32 and (elem < 4 or bd <= 64)
         smem = s * (bt * bg + bg * bd) * elem
     else:
         ok = bg <= G and bd * bg / threads <= 64
