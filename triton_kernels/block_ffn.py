@@ -39,12 +39,23 @@ the load. The memory is ``top_k * g / d_ff`` of what a dense FFN's saved activat
 ``A`` (not ``H``) is kept because ``act'`` needs the pre-activation for gelu and silu. When
 ``saved`` is empty the backward recomputes ``A`` instead.
 
-The backward runs two kernels: ``_block_ffn_bwd_kernel`` (per tile, like the forward) forms
-``dH = dY V_b^T``, ``dgate = rowsum(H * dH)``, ``dA = gate * dH * act'(A)`` and ``gH = gate * H``,
-writes ``dA`` and ``gH`` (in the input dtype, per sorted row) and scatters ``dX = dA K_b``;
-``_block_ffn_bwd_dw_kernel`` (groupXtY: one program per (block, d_model chunk), looping over
-all of the block's rows in a fixed order) forms ``dK_b^T = X^T dA``, ``dV_b^T = dY^T gH`` and
-``db_b = colsum(dA)`` with no atomics and writes zeros for blocks nobody chose.
+The backward runs three kernels, so that no program holds more than a BLOCK_G-cell chunk of a
+block (g = 256 would not fit in registers otherwise):
+``_block_ffn_bwd_kernel`` (dh; per tile, one launch over every segment) forms, BLOCK_G cells at
+a time, ``dH = dY V_b^T``, ``dgate = rowsum(H * dH)``, ``dA = gate * dH * act'(A)`` and
+``gH = gate * H`` and writes ``dA`` and ``gH`` (in the input dtype, per sorted row: 4 * g bytes
+per pair in bf16, written once and read twice); ``_block_ffn_bwd_dx_kernel`` (per tile)
+scatters ``dX = dA K_b`` with the same combine as the forward; ``_block_ffn_bwd_dw_kernel``
+(groupXtY: one program per (block, d_model chunk, cell chunk), looping over all of the block's
+rows in sorted order) forms ``dK_b^T = X^T dA``, ``dV_b^T = dY^T gH`` and ``db_b = colsum(dA)``
+with no atomics, and writes zeros for blocks nobody chose.
+
+fp32 inputs with matmul precision "highest" (true fp32 products) have no tensor-core path, so
+``tl.dot`` runs on the FMA units; the prune step then keeps one small (32 x 32) config per
+kernel. With "high"/"medium" the fp32 kernels use tf32 on the tensor cores and the normal tiles.
+
+Host side: no ``.item()``/``.cpu()``/``.tolist()``; grids are sized from host ints only
+(``max_tiles``), so the launchers are CUDA-graph and torch.compile friendly.
 """
 from __future__ import annotations
 
