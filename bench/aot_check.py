@@ -104,8 +104,10 @@ def _compile_one(job: tuple[int, int]) -> dict:
         src = _make_source(kernel, spec.signature, spec.constexprs, attrs)
         target = GPUTarget("cuda", arch, 32)
         backend = triton.compiler.make_backend(target)
-        options = backend.parse_options({"num_warps": spec.num_warps,
-                                         "num_stages": spec.num_stages})
+        opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        if getattr(spec, "maxnreg", None):  # a register limit, where the spec carries one
+            opts["maxnreg"] = spec.maxnreg
+        options = backend.parse_options(opts)
         compiled = triton.compile(src, target=target, options=options.__dict__)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.cubin")

@@ -28,6 +28,7 @@ agrees with the fp32 reference except on true near-ties, at twice the tensor-cor
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -143,6 +144,18 @@ _CONFIG_SHAPES = [
 ]
 
 
+# Without an explicit register limit, ptxas (the one in triton 3.6's wheel) sometimes caps these
+# 256-thread kernels at 128 registers and spills; ".maxnreg 255" lets it use what it needs.
+_MAXNREG = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class _AOTSpec(AOTSpec):
+    """An AOTSpec that also carries the config's register limit (read by bench/aot_check.py)."""
+
+    maxnreg: int | None = None
+
+
 def _dot_kind(x_dtype, precision: str) -> str:
     return precision if x_dtype in (torch.float32, "fp32") else "16bit"
 
@@ -165,7 +178,8 @@ def _avgk_topk_configs() -> list[triton.Config]:
     if _INTERPRET:
         return [triton.Config({"BLOCK_T": 32, "BLOCK_D": 32}, num_warps=1, num_stages=1)]
     return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s,
+                      maxnreg=_MAXNREG)
         for bt, bn, bd, w, s, _ in _CONFIG_SHAPES
     ]
 
@@ -351,11 +365,11 @@ def aot_specs() -> list[AOTSpec]:
             }
             constexprs = {"HAS_BIAS": True, "RETURN_SCORES": True, "K_PAD": k_pad,
                           "DOT_PRECISION": prec, "D_SPLIT": _d_split(t, prec), **kw}
-            specs.append(AOTSpec(
+            specs.append(_AOTSpec(
                 name=(f"avgk_topk[{t}/{prec},T={kw['BLOCK_T']},N={kw['BLOCK_N']},"
                       f"D={kw['BLOCK_D']},K={k_pad},w={cfg.num_warps}]"),
                 kernel=kernel, signature=signature, constexprs=constexprs,
                 is_gemm=not (t == "fp32" and prec == "ieee"),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
             ))
     return specs
