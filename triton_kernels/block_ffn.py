@@ -171,13 +171,14 @@ def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
     }[kind]
     # True-fp32 products (input_precision="ieee", the default for fp32 inputs) have no
     # tensor-core path: tl.dot runs on FMA units and needs small tiles to stay in registers.
-    shapes = shapes + [_IEEE_SHAPE[kind]]
+    shapes = shapes + _IEEE_SHAPES[kind]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd, "BLOCK_G": bg},
                           num_warps=w, num_stages=s) for bt, bk, bd, bg, w, s in shapes]
 
 
-_IEEE_SHAPE = {"fwd": (32, 32, 32, 0, 8, 2), "dh": (32, 32, 32, 32, 8, 2),
-               "dx": (32, 0, 32, 32, 4, 2), "dw": (32, 0, 32, 32, 4, 2)}
+_IEEE_SHAPES = {"fwd": [(32, 16, 32, 0, 8, 2), (32, 32, 32, 0, 8, 2)],
+                "dh": [(32, 32, 32, 32, 8, 2)], "dx": [(32, 0, 32, 32, 4, 2)],
+                "dw": [(32, 0, 32, 32, 4, 2)]}
 
 
 def _is_ieee(cfg) -> bool:
@@ -191,12 +192,14 @@ def _fits(kind: str, cfg, G: int, elem: int) -> bool:
     Calibrated against the compiled kernels (``bench/aot_check.py``: registers and spills from
     ``cuobjdump``) on sm_80, the tighter target. fp32 accumulator elements per thread held
     across a loop: fwd (H and the output chunk) <= 80; dh (dH chunk, with A, H and dA beside
-    it) <= 16; dx (output chunk) <= 32, and d_model chunks <= 64 for fp32; dW (transposed weight
-    chunk) <= 64. Shared memory: the
+    it) <= 16; dx (output chunk) <= 32; dW (transposed weight chunk) <= 64; for fp32 the dx
+    and dW d_model chunks <= 64. Shared memory: the
     pipelined tiles of the larger GEMM loop (plus H) within 160 KB (sm_80 allows 163 KB).
     """
     kw = cfg.kwargs
     bt, bk, bd, bg = kw["BLOCK_T"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_G"]
+    if _is_ieee(cfg):  # FMA path; the forward's K step is spill-free at 16 up to g=64, else 32
+        return kind != "fwd" or (bk == 16) == (G <= 64)
     threads = 32 * cfg.num_warps
     s = cfg.num_stages
     if kind == "fwd":
@@ -209,7 +212,7 @@ def _fits(kind: str, cfg, G: int, elem: int) -> bool:
         ok = bg <= G and bt * bd / threads <= 32 and (elem < 4 or bd <= 64)
         smem = s * (bt * bg + bg * bd) * elem
     else:
-        ok = bg <= G and bd * bg / threads <= 64
+        ok = bg <= G and bd * bg / threads <= 64 and (elem < 4 or bd <= 64)
         smem = s * (bd * bt + bt * bg) * elem
     return ok and smem <= 160 * 1024
 
@@ -219,10 +222,8 @@ def _pruner(kind: str):
         G = _padded_block(kwargs.get("BS", named_args.get("BS")))
         x = named_args.get("x_ptr", named_args.get("keys_ptr"))
         elem = x.element_size() if hasattr(x, "element_size") else 2
-        if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee":
-            kept = [c for c in configs if _is_ieee(c)]
-        else:
-            kept = [c for c in configs if not _is_ieee(c) and _fits(kind, c, G, elem)]
+        ieee = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
+        kept = [c for c in configs if _is_ieee(c) == ieee and _fits(kind, c, G, elem)]
         if not kept:  # never empty: the smallest config
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
         return kept
@@ -673,8 +674,7 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
             }
             for kind, flag_sets in variants.items():
                 for cfg in _configs(kind, interpret=False):
-                    if (prec == "ieee") != _is_ieee(cfg) or (
-                            prec != "ieee" and not _fits(kind, cfg, G, elem)):
+                    if (prec == "ieee") != _is_ieee(cfg) or not _fits(kind, cfg, G, elem):
                         continue
                     for flags in flag_sets:
                         cx = dict(flags, BS=bs, DOT_PREC=prec, **cfg.kwargs)
