@@ -60,7 +60,8 @@ def _check_rows(rows: list) -> None:
                     "frac_of_floor", "ceiling_tflops", "ceiling_gbs"):
             v = float(r[key])
             assert math.isfinite(v) and v > 0, f"{where}: {key}={r[key]}"
-        assert float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"]), where
+        assert 0 < float(r["ms_min"]) <= float(r["ms_p20"]) <= float(r["ms"]) <= float(
+            r["ms_p80"]), where
         assert 0 < float(r["density"]) <= 1, where
         assert float(r["density"]) == pytest.approx(
             int(r["top_k"]) * int(r["block_size"]) / int(r["d_ff"]))
