@@ -643,18 +643,23 @@ FIELDS = [
 
 
 def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
-             meta: dict, log: Callable) -> list:
-    """Time every runnable provider of ``case``; return its CSV rows (dicts)."""
+             meta: dict, log: Callable, notes: list) -> list:
+    """Time every runnable provider of ``case``; return its CSV rows (dicts). A provider that
+    fails on the case is left out, with a line in ``notes``."""
     case.validate()
     pb = Problem(case, device)
     runners, outputs = {}, {}
     for prov in case.providers:
-        if reasons.get(prov):
+        if reasons.get(prov) or (prov == "cuda" and case.mode != "decode"):  # forward-only
             continue
         try:
             runners[prov], outputs[prov] = make_runner(prov, pb)
         except Exception as err:  # noqa: BLE001 - record, keep sweeping
-            log(f"  skip {prov}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            msg = (f"{prov} skipped on {case.mode} T={case.tokens} d={case.d_model} "
+                   f"d_ff={case.d_ff} g={case.block_size} k={case.top_k} {case.dtype}: "
+                   f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}")
+            log("  " + msg)
+            notes.append(msg)
     if not runners:
         return []
     ref = None
@@ -936,7 +941,7 @@ def main(argv=None) -> int:
                  f"d_ff={case.d_ff} g={case.block_size} k={case.top_k} "
                  f"({density_label(case.density)}) {case.dtype} {case.activation}")
         try:
-            new = run_case(case, device, ceilings, reasons, budget, meta, log)
+            new = run_case(case, device, ceilings, reasons, budget, meta, log, notes)
         except Exception as err:  # noqa: BLE001 - one failing case must not end the sweep
             new = []
             notes.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
