@@ -158,3 +158,21 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(files) <= 8 and all((out / f).is_file() for f in files), files
     log = (out / "gpu_check.log").read_text()
     assert "== environment ==" in log and "torch:" in log and "nvidia-smi" in log
+
+
+def test_cuda_timer_shape(monkeypatch):
+    """The GPU timer cannot run here; check its contract with do_bench mocked."""
+    testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        fn()
+        calls.append(quantiles)
+        return [2.0, 1.5, 3.0, 1.0][:len(quantiles)]
+
+    monkeypatch.setattr(testing, "do_bench", fake_do_bench)
+    out = sweep.time_cuda({"a": lambda: None, "b": lambda: None}, budget_s=1.0, min_reps=3)
+    assert out == {"a": (2.0, 1.5, 3.0, 1.0, -1), "b": (2.0, 1.5, 3.0, 1.0, -1)}
+    assert calls[0][:3] == [0.5, 0.2, 0.8]
+    cpu = sweep.time_cpu({"a": lambda: None}, budget_s=0.0, min_reps=3)
+    assert len(cpu["a"]) == 5 and cpu["a"][4] == 3
