@@ -53,7 +53,8 @@ step() {
     local name=$1 file=$2 limit=$3
     shift 3
     log "$name: $*"
-    local start=$(date +%s) rc
+    local start rc
+    start=$(date +%s)
     timeout --kill-after=10 "$limit" "$@" >> "$file" 2>&1
     rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then

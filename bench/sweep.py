@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -858,6 +859,14 @@ def plot_speedup(rows: list, path: str, x_key: str, series_key: str, title: str)
     plt.close(fig)
 
 
+class Interrupted(Exception):
+    """SIGTERM arrived during the sweep."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -931,6 +940,9 @@ def main(argv=None) -> int:
 
     rows, notes = [], []
     done = 0
+    # SIGTERM (e.g. from `timeout`) ends the sweep like --max-minutes: what was measured is
+    # still written.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     for i, case in enumerate(cases):
         if args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes:
             notes.append(f"stopped after {i} of {len(cases)} cases: --max-minutes "
@@ -942,6 +954,11 @@ def main(argv=None) -> int:
                  f"({density_label(case.density)}) {case.dtype} {case.activation}")
         try:
             new = run_case(case, device, ceilings, reasons, budget, meta, log, notes)
+        except (Interrupted, KeyboardInterrupt) as err:
+            notes.append(f"interrupted ({type(err).__name__}) during case {i + 1} of "
+                         f"{len(cases)}; the rows before it are kept")
+            log(notes[-1])
+            break
         except Exception as err:  # noqa: BLE001 - one failing case must not end the sweep
             new = []
             notes.append(f"{label}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
@@ -965,6 +982,7 @@ def main(argv=None) -> int:
                 log(line)
         if device == "cuda":
             torch.cuda.empty_cache()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the files below be written
     if bar is not None:
         bar.close()
     for p in sorted({p for c in cases for p in c.providers}):
@@ -989,6 +1007,7 @@ def main(argv=None) -> int:
     print(f"{len(rows)} rows from {done}/{len(cases)} cases in "
           f"{time.perf_counter() - t_start:.0f} s -> {out_dir}/{{{CSV_NAME},{MD_NAME},"
           f"{PNG_DENSITY},{PNG_BLOCK}}}", flush=True)
+    signal.signal(signal.SIGTERM, previous)
     return 0 if rows else 1
 
 
