@@ -138,7 +138,6 @@ def _merge_rows_desc(x):
 # K_PAD up to MAX_TOP_K in every kind.
 _CONFIG_SHAPES = [
     (64, 64, 64, 8, 3, {"16bit": 64, "tf32": 64, "ieee": 64}),
-    (64, 128, 64, 8, 3, {"16bit": 16, "tf32": 32, "ieee": 0}),
     (128, 64, 64, 8, 3, {"16bit": 32, "tf32": 32, "ieee": 0}),
     (128, 128, 32, 8, 3, {"16bit": 16, "tf32": 0, "ieee": 0}),
 ]
