@@ -635,6 +635,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 FIELDS = [
     "date", "device", "device_name", "torch", "triton", "sfnn_commit", "preset", "threads",
+    "omp_wait_policy",
     "tag", "mode", "provider", "dtype", "activation", "tokens", "d_model", "d_ff", "block_size",
     "top_k", "n_blocks", "density", "distinct_blocks", "ms", "ms_p20", "ms_p80", "ms_min", "reps",
     "useful_tflops", "provider_tflops", "gbs", "speedup_vs_dense", "peak_mem_mb", "floor_ms",
@@ -756,9 +757,11 @@ def write_csv(rows: list, path: str) -> None:
 
 def write_markdown(rows: list, path: str, meta: dict, ceilings: Ceilings, notes: list) -> None:
     out = [f"# sfnn benchmark: {meta['device_name']}", ""]
+    cpu = (f" | threads {meta['threads']} | OMP_WAIT_POLICY "
+           f"{meta['omp_wait_policy'] or 'unset'} | load average at start {meta['load']}"
+           if meta["device"] == "cpu" else "")
     out.append(f"{meta['date']} | preset `{meta['preset']}` | torch {meta['torch']} | "
-               f"triton {meta['triton']} | sfnn {meta['sfnn_commit']} | "
-               f"threads {meta['threads']} | load average at start {meta['load']}")
+               f"triton {meta['triton']} | sfnn {meta['sfnn_commit']}{cpu}")
     out.append("")
     out.append(f"Ceilings: {ceilings.describe()}.")
     out.append("")
@@ -911,6 +914,7 @@ def main(argv=None) -> int:
             "device": device, "device_name": device_name(device), "torch": torch.__version__,
             "triton": triton_version(), "sfnn_commit": git_commit(), "preset": args.preset,
             "threads": torch.get_num_threads() if device == "cpu" else "",
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "") if device == "cpu" else "",
             "load": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"}
     reasons = sfnn_backend_reasons(device)
     print(f"sfnn sweep: preset={args.preset} device={device} ({meta['device_name']}) "
@@ -993,7 +997,9 @@ def main(argv=None) -> int:
         notes.insert(0, f"the 1-minute load average reached {max(loads):.1f} on "
                         f"{os.cpu_count()} cores (threads={args.threads}): other processes "
                         "shared the CPU, so times are inflated and noisy; ms_min in the CSV is "
-                        "the least disturbed run")
+                        "the least disturbed run. Spinning OpenMP threads suffer most from "
+                        "this: OMP_WAIT_POLICY=PASSIVE (set before starting) helps paths made "
+                        "of many small ops")
 
     write_csv(rows, os.path.join(out_dir, CSV_NAME))
     write_markdown(rows, os.path.join(out_dir, MD_NAME), meta, ceilings, notes)
