@@ -177,13 +177,22 @@ def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
 
 
 _IEEE_SHAPES = {"fwd": [(32, 16, 32, 0, 8, 2), (32, 32, 32, 0, 8, 2)],
-                "dh": [(32, 32, 32, 32, 8, 2)], "dx": [(32, 0, 32, 32, 4, 2)],
+                "dh": [(32, 32, 32, 32, 8, 2), (32, 32, 32, 32, 8, 3)],
+                "dx": [(32, 0, 32, 32, 4, 2)],
                 "dw": [(32, 0, 32, 32, 4, 2)]}
 
 
 def _is_ieee(cfg) -> bool:
     """The FMA-path config of a kernel (32 x 32 tiles), used only for ``DOT_PREC="ieee"``."""
     return cfg.kwargs["BLOCK_T"] == 32 and cfg.kwargs["BLOCK_D"] == 32
+
+
+def _ieee_dh_stages_ok(kind: str, cfg, load_a) -> bool:
+    """The FMA-path dh kernel compiles without a stack frame at 3 stages when it loads A and
+    at 2 when it recomputes A (triton 3.6 and 3.9, sm_80 and sm_90)."""
+    if kind != "dh" or not _is_ieee(cfg) or load_a is None:
+        return True
+    return cfg.num_stages == (3 if load_a else 2)
 
 
 def _fits(kind: str, cfg, G: int, elem: int) -> bool:
@@ -223,7 +232,8 @@ def _pruner(kind: str):
         x = named_args.get("x_ptr", named_args.get("keys_ptr"))
         elem = x.element_size() if hasattr(x, "element_size") else 2
         ieee = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
-        kept = [c for c in configs if _is_ieee(c) == ieee and _fits(kind, c, G, elem)]
+        kept = [c for c in configs if _is_ieee(c) == ieee and _fits(kind, c, G, elem)
+                and _ieee_dh_stages_ok(kind, c, kwargs.get("LOAD_A"))]
         if not kept:  # never empty: the smallest config
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
         return kept
@@ -677,6 +687,8 @@ def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
                     if (prec == "ieee") != _is_ieee(cfg) or not _fits(kind, cfg, G, elem):
                         continue
                     for flags in flag_sets:
+                        if not _ieee_dh_stages_ok(kind, cfg, flags.get("LOAD_A")):
+                            continue
                         cx = dict(flags, BS=bs, DOT_PREC=prec, **cfg.kwargs)
                         extra = ",atomic=1" if cx.get("ATOMIC") else ""
                         if "LOAD_A" in cx:
