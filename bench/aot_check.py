@@ -105,7 +105,7 @@ def _compile_one(job: tuple[int, int]) -> dict:
         target = GPUTarget("cuda", arch, 32)
         backend = triton.compiler.make_backend(target)
         opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-        if getattr(spec, "maxnreg", None):  # a register limit, where the spec carries one
+        if spec.maxnreg:  # a register limit, where the config sets one
             opts["maxnreg"] = spec.maxnreg
         options = backend.parse_options(opts)
         compiled = triton.compile(src, target=target, options=options.__dict__)

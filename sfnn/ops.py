@@ -49,9 +49,16 @@ def triton_import_error() -> Optional[str]:
 def _triton_backend() -> SimpleNamespace:
     from .triton_kernels import avgk_topk, block_ffn, block_means
 
+    def select_blocks(x2d, kbar, bbar, top_k):
+        if top_k > avgk_topk.MAX_TOP_K:
+            # Past the kernel's on-chip running top-K: score densely and take torch's top-k
+            # (same packed keys, same ties, still no host sync).
+            return torch_path.select_blocks(x2d, kbar, bbar, top_k)
+        return avgk_topk.avgk_topk(x2d, kbar, bbar, top_k)
+
     return SimpleNamespace(
         block_means=block_means.block_means,
-        select_blocks=avgk_topk.avgk_topk,
+        select_blocks=select_blocks,
         block_ffn_fwd=block_ffn.block_ffn_fwd,
         block_ffn_bwd=block_ffn.block_ffn_bwd,
     )

@@ -194,3 +194,13 @@ def test_property_selection_random_shapes(T, d_model, n_blocks, data):
     bbar = torch.randn(n_blocks)
     idx = sfnn.select_blocks(x, kbar, bbar, top_k, backend="torch")
     assert torch.equal(idx, select_blocks_ref(x, kbar, bbar, top_k))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_selection_beyond_kernel_top_k(backend):
+    """top_k above the Triton kernel's on-chip limit (64) still selects correctly."""
+    T, d_model, n_blocks, top_k = 9, 16, 80, 70
+    x = torch.randn(T, d_model)
+    kbar, bbar = torch.randn(n_blocks, d_model), torch.randn(n_blocks)
+    idx = sfnn.select_blocks(x, kbar, bbar, top_k, backend=backend)
+    assert torch.equal(idx, select_blocks_ref(x, kbar, bbar, top_k))

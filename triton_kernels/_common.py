@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,7 +37,8 @@ class AOTSpec:
     signature: argument name -> Triton type ("*bf16", "i32", "constexpr", ...);
     constexprs: argument name -> value, for every constexpr argument;
     is_gemm: True when the kernel's main work is tl.dot (checked for HGMMA on sm_90);
-    num_warps, num_stages: the launch options of the tuning config.
+    num_warps, num_stages, maxnreg: the launch options of the tuning config (maxnreg: the
+    register limit per thread, None for the compiler's choice).
     """
 
     name: str
@@ -47,3 +48,4 @@ class AOTSpec:
     is_gemm: bool
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: Optional[int] = None

@@ -28,7 +28,6 @@ agrees with the fp32 reference except on true near-ties, at twice the tensor-cor
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -146,13 +145,6 @@ _CONFIG_SHAPES = [
 # Without an explicit register limit, ptxas (the one in triton 3.6's wheel) sometimes caps these
 # 256-thread kernels at 128 registers and spills; ".maxnreg 255" lets it use what it needs.
 _MAXNREG = 255
-
-
-@dataclasses.dataclass(frozen=True)
-class _AOTSpec(AOTSpec):
-    """An AOTSpec that also carries the config's register limit (read by bench/aot_check.py)."""
-
-    maxnreg: int | None = None
 
 
 def _dot_kind(x_dtype, precision: str) -> str:
@@ -364,7 +356,7 @@ def aot_specs() -> list[AOTSpec]:
             }
             constexprs = {"HAS_BIAS": True, "RETURN_SCORES": True, "K_PAD": k_pad,
                           "DOT_PRECISION": prec, "D_SPLIT": _d_split(t, prec), **kw}
-            specs.append(_AOTSpec(
+            specs.append(AOTSpec(
                 name=(f"avgk_topk[{t}/{prec},T={kw['BLOCK_T']},N={kw['BLOCK_N']},"
                       f"D={kw['BLOCK_D']},K={k_pad},w={cfg.num_warps}]"),
                 kernel=kernel, signature=signature, constexprs=constexprs,
