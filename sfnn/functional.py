@@ -7,7 +7,6 @@ Shapes: ``x`` is (..., d_model) with any number of leading dims (flattened to T 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -22,7 +21,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = ["block_means", "select_blocks", "block_ffn", "sparse_ffn"]
 
 
-def _check_tensor(name: str, t, *, dim: Optional[int] = None, optional: bool = False) -> None:
+def _check_tensor(name: str, t, *, dim: int | None = None, optional: bool = False) -> None:
     if t is None:
         if optional:
             return
@@ -77,7 +76,7 @@ def _check_x(x, d_model: int) -> None:
         raise ValueError(f"x must be (..., d_model) with d_model={d_model}, got {tuple(x.shape)}")
 
 
-def _harmonise(named: dict) -> tuple[dict, Optional[str]]:
+def _harmonise(named: dict) -> tuple[dict, str | None]:
     """Check that the tensors share one device and dtype, or cast them as autocast would.
 
     Under ``torch.autocast`` the tensors are cast to the autocast dtype, as ``nn.Linear`` does,
@@ -100,7 +99,7 @@ def _harmonise(named: dict) -> tuple[dict, Optional[str]]:
     return named, None
 
 
-def _autocast_off(device_type: Optional[str]):
+def _autocast_off(device_type: str | None):
     if device_type is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
@@ -120,11 +119,11 @@ def _deterministic(flag: bool) -> bool:
 _MEANS_CACHE = WeakTensorKeyDictionary()
 
 
-def _version(t: Optional[Tensor]):
+def _version(t: Tensor | None):
     return None if t is None else (id(t), t.data_ptr(), t._version)
 
 
-def _block_means_cached(keys: Tensor, key_bias: Optional[Tensor], block_size: int, backend: str):
+def _block_means_cached(keys: Tensor, key_bias: Tensor | None, block_size: int, backend: str):
     if torch.compiler.is_compiling() or keys.is_inference() or (
             key_bias is not None and key_bias.is_inference()):
         kbar, bbar = ops.block_means_op(keys.detach(), _detach(key_bias), block_size, backend)
@@ -139,12 +138,12 @@ def _block_means_cached(keys: Tensor, key_bias: Optional[Tensor], block_size: in
     return entry[1], entry[2]
 
 
-def _detach(t: Optional[Tensor]) -> Optional[Tensor]:
+def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
-def block_means(keys: Tensor, key_bias: Optional[Tensor] = None, *, block_size: int,
-                backend: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+def block_means(keys: Tensor, key_bias: Tensor | None = None, *, block_size: int,
+                backend: str = "auto") -> tuple[Tensor, Tensor | None]:
     """Mean key and mean key bias of every block of ``block_size`` consecutive cells.
 
     Args:
@@ -168,7 +167,7 @@ def block_means(keys: Tensor, key_bias: Optional[Tensor] = None, *, block_size: 
     return _block_means_cached(keys, key_bias, block_size, be)
 
 
-def select_blocks(x: Tensor, kbar: Tensor, bbar: Optional[Tensor] = None, top_k: int = 1, *,
+def select_blocks(x: Tensor, kbar: Tensor, bbar: Tensor | None = None, top_k: int = 1, *,
                   backend: str = "auto") -> Tensor:
     """Avg-K selection: each token's ``top_k`` blocks of largest ``x . kbar_b + bbar_b``.
 
@@ -228,8 +227,8 @@ def _check_indices(indices, x: Tensor, n_blocks: int, name: str = "indices") -> 
 
 
 def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block_size: int,
-              key_bias: Optional[Tensor] = None, out_bias: Optional[Tensor] = None,
-              gates: Optional[Tensor] = None, activation: str = "relu", backend: str = "auto",
+              key_bias: Tensor | None = None, out_bias: Tensor | None = None,
+              gates: Tensor | None = None, activation: str = "relu", backend: str = "auto",
               deterministic: bool = False) -> Tensor:
     """The block FFN over given blocks: the compute half of :func:`sparse_ffn`.
 
@@ -279,7 +278,7 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
 
 
 def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_k: int,
-               key_bias: Optional[Tensor] = None, out_bias: Optional[Tensor] = None,
+               key_bias: Tensor | None = None, out_bias: Tensor | None = None,
                activation: str = "relu", backend: str = "auto",
                deterministic: bool = False) -> Tensor:
     """The Avg-K sparse FFN: score blocks by their mean key, keep the top_k, compute only those.

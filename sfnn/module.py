@@ -73,7 +73,7 @@ class SparseFFN(nn.Module):
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, *, block_size: int, top_k: int,
-                   activation: str = "relu", **kwargs) -> "SparseFFN":
+                   activation: str = "relu", **kwargs) -> SparseFFN:
         """A SparseFFN holding copies of a dense FFN's weights: ``act(fc1(x))`` then ``fc2``.
 
         ``fc1`` must be ``nn.Linear(d_model, d_ff)`` and ``fc2`` ``nn.Linear(d_ff, d_model)``.

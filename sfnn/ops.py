@@ -20,7 +20,6 @@ import functools
 import importlib.util
 import os
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 
@@ -33,8 +32,8 @@ BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 CUDA_DECODE_MAX_TOKENS = 15
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> Optional[str]:
+@functools.cache
+def triton_import_error() -> str | None:
     """None when Triton and sfnn's Triton kernels import, else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'sfnn[triton]')"
@@ -45,7 +44,7 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_backend() -> SimpleNamespace:
     from .triton_kernels import avgk_topk, block_ffn, block_means
 
@@ -92,7 +91,7 @@ def _cuda_backend() -> SimpleNamespace:
                            block_ffn_fwd=block_ffn_fwd, block_ffn_bwd=block_ffn_bwd)
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run on tensors of ``device``, else a sentence saying why not."""
     if backend == "torch" or backend == "reference":
         return None
@@ -141,16 +140,16 @@ def _impl(backend: str) -> SimpleNamespace:
     raise ValueError(f"no kernel implementation for backend {backend!r}")
 
 
-def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
+def _none_if_empty(t: Tensor | None) -> Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
-def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
+def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
 @torch.library.custom_op("sfnn::block_means", mutates_args=())
-def block_means_op(keys: Tensor, key_bias: Optional[Tensor], block_size: int,
+def block_means_op(keys: Tensor, key_bias: Tensor | None, block_size: int,
                    backend: str) -> tuple[Tensor, Tensor]:
     """kbar (n_blocks, d_model) f32 and bbar (n_blocks,) f32, empty without key_bias."""
     kbar, bbar = _impl(backend).block_means(keys.contiguous(), key_bias, block_size)
@@ -166,7 +165,7 @@ def _(keys, key_bias, block_size, backend):
 
 
 @torch.library.custom_op("sfnn::select_blocks", mutates_args=())
-def select_blocks_op(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor], top_k: int,
+def select_blocks_op(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int,
                      backend: str) -> Tensor:
     """int32 (T, top_k): each token's top_k blocks by Avg-K score, best first."""
     if x2d.shape[0] == 0:
@@ -189,7 +188,7 @@ def _saved_shape(x2d: Tensor, indices: Tensor, block_size: int, save: bool, back
 
 @torch.library.custom_op("sfnn::block_ffn", mutates_args=())
 def block_ffn_op(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
-                 key_bias: Optional[Tensor], out_bias: Optional[Tensor], gates: Optional[Tensor],
+                 key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None,
                  block_size: int, activation: str, backend: str, deterministic: bool,
                  save_for_backward: bool) -> tuple[Tensor, Tensor]:
     """(y (T, d_model), saved): the block FFN over the given block indices."""
@@ -213,7 +212,7 @@ def _(x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activat
 
 @torch.library.custom_op("sfnn::block_ffn_backward", mutates_args=())
 def block_ffn_backward_op(dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
-                          key_bias: Optional[Tensor], gates: Optional[Tensor], saved: Tensor,
+                          key_bias: Tensor | None, gates: Tensor | None, saved: Tensor,
                           block_size: int, activation: str, backend: str,
                           deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dkeys, dvalues, dkey_bias, dgates); the last two are empty when absent."""

@@ -5,16 +5,14 @@ result is right by construction; autograd supplies the gradients. Never a fast p
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._activations import apply_activation
 
 
 def block_means_ref(
-    keys: torch.Tensor, key_bias: Optional[torch.Tensor], block_size: int
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    keys: torch.Tensor, key_bias: torch.Tensor | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean key and mean key bias of every block, in float32.
 
     keys: (d_ff, d_model); key_bias: (d_ff,) or None.
@@ -29,7 +27,7 @@ def block_means_ref(
 
 
 def block_scores_ref(
-    x: torch.Tensor, kbar: torch.Tensor, bbar: Optional[torch.Tensor]
+    x: torch.Tensor, kbar: torch.Tensor, bbar: torch.Tensor | None
 ) -> torch.Tensor:
     """Avg-K scores ``x . kbar_b + bbar_b`` in float32. x: (T, d_model) -> (T, n_blocks)."""
     scores = x.detach().float() @ kbar.float().t()
@@ -39,7 +37,7 @@ def block_scores_ref(
 
 
 def select_blocks_ref(
-    x: torch.Tensor, kbar: torch.Tensor, bbar: Optional[torch.Tensor], top_k: int
+    x: torch.Tensor, kbar: torch.Tensor, bbar: torch.Tensor | None, top_k: int
 ) -> torch.Tensor:
     """The ``top_k`` blocks of largest score per token, best first; ties to the smaller index.
 
@@ -52,7 +50,7 @@ def select_blocks_ref(
 
 
 def block_weights_ref(
-    indices: torch.Tensor, n_blocks: int, gates: Optional[torch.Tensor], dtype: torch.dtype
+    indices: torch.Tensor, n_blocks: int, gates: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """(T, n_blocks) weight of every block for every token: the sum over the token's slots
     that chose the block of the slot's gate (1 without gates). Differentiable in ``gates``."""
@@ -69,9 +67,9 @@ def block_ffn_ref(
     indices: torch.Tensor,
     *,
     block_size: int,
-    key_bias: Optional[torch.Tensor] = None,
-    out_bias: Optional[torch.Tensor] = None,
-    gates: Optional[torch.Tensor] = None,
+    key_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
     activation: str = "relu",
 ) -> torch.Tensor:
     """The block FFN over given block indices, dense-masked.
@@ -106,8 +104,8 @@ def sparse_ffn_ref(
     *,
     block_size: int,
     top_k: int,
-    key_bias: Optional[torch.Tensor] = None,
-    out_bias: Optional[torch.Tensor] = None,
+    key_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
     activation: str = "relu",
 ) -> torch.Tensor:
     """Avg-K selection followed by the dense-masked block FFN. x: (..., d_model) -> same shape."""

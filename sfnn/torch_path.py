@@ -11,8 +11,6 @@ Functions follow the backend protocol of :mod:`sfnn.ops`: inputs are validated a
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._activations import activation_grad, apply_activation
@@ -20,16 +18,18 @@ from ._activations import activation_grad, apply_activation
 Tensor = torch.Tensor
 
 
-def block_means(keys: Tensor, key_bias: Optional[Tensor], block_size: int):
+def block_means(keys: Tensor, key_bias: Tensor | None, block_size: int):
     """kbar (n_blocks, d_model) and bbar (n_blocks,) in float32, accumulated in float32."""
     d_ff, d_model = keys.shape
     n_blocks = d_ff // block_size
     kbar = keys.view(n_blocks, block_size, d_model).mean(1, dtype=torch.float32)
-    bbar = None if key_bias is None else key_bias.view(n_blocks, block_size).mean(1, dtype=torch.float32)
+    bbar = None
+    if key_bias is not None:
+        bbar = key_bias.view(n_blocks, block_size).mean(1, dtype=torch.float32)
     return kbar, bbar
 
 
-def block_scores(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor]) -> Tensor:
+def block_scores(x2d: Tensor, kbar: Tensor, bbar: Tensor | None) -> Tensor:
     """Avg-K scores (T, n_blocks) in float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if x2d.dtype == torch.float64 else torch.float32
     xs, ks = x2d.to(dtype), kbar.to(dtype)
@@ -55,7 +55,7 @@ def ordered_score_keys(scores: Tensor) -> Tensor:
     return (bits.to(torch.int64) << 32) | (n_blocks - 1 - index)
 
 
-def select_blocks(x2d: Tensor, kbar: Tensor, bbar: Optional[Tensor], top_k: int) -> Tensor:
+def select_blocks(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int) -> Tensor:
     """The top_k blocks of largest score per token, best first, ties to the smaller index.
 
     x2d: (T, d_model); kbar: (n_blocks, d_model) float32. Returns int32 (T, top_k).
@@ -79,7 +79,8 @@ class _Routing:
         self.tokens = self.pairs // top_k
         ends = counts.cumsum(0).tolist()  # the CPU path loops over blocks on the host anyway
         starts = [0] + ends[:-1]
-        self.spans = [(b, s, e) for b, (s, e) in enumerate(zip(starts, ends)) if e > s]
+        spans = enumerate(zip(starts, ends, strict=True))
+        self.spans = [(b, s, e) for b, (s, e) in spans if e > s]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +89,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def block_ffn_fwd(
     x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
-    key_bias: Optional[Tensor], out_bias: Optional[Tensor], gates: Optional[Tensor], *,
+    key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None, *,
     block_size: int, activation: str, save_for_backward: bool, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """y (T, d_model) in x's dtype, and the selected pre-activations (T*top_k, g) in block order
@@ -122,7 +123,7 @@ def block_ffn_fwd(
 
 def block_ffn_bwd(
     dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
-    key_bias: Optional[Tensor], gates: Optional[Tensor], saved: Tensor, *,
+    key_bias: Tensor | None, gates: Tensor | None, saved: Tensor, *,
     block_size: int, activation: str, deterministic: bool,
 ):
     """(dx, dkeys, dvalues, dkey_bias | None, dgates float32 | None); pre-activations come from
@@ -136,7 +137,9 @@ def block_ffn_bwd(
     dkeys = torch.zeros_like(keys)
     dvalues = torch.zeros_like(values)
     dkey_bias = None if key_bias is None else torch.zeros_like(key_bias)
-    dgates_pairs = None if gates is None else torch.zeros(route.pairs.numel(), dtype=acc, device=x2d.device)
+    dgates_pairs = None
+    if gates is not None:
+        dgates_pairs = torch.zeros(route.pairs.numel(), dtype=acc, device=x2d.device)
     pair_gates = None if gates is None else gates.reshape(-1)[route.pairs]
     for b, s, e in route.spans:
         rows = slice(b * g, (b + 1) * g)

@@ -7,7 +7,7 @@ from _cases import make_problem
 from torch import nn
 
 import sfnn
-from sfnn import functional, torch_path
+from sfnn import torch_path
 from sfnn.reference import sparse_ffn_ref
 from sfnn.testing import assert_close
 
@@ -177,7 +177,7 @@ def test_deterministic_flag_is_bitwise_repeatable():
         y.backward(torch.ones_like(y))
         outs.append((y.detach().clone(), x.grad.clone(), keys.grad.clone()))
         x.grad = keys.grad = values.grad = kb.grad = ob.grad = None
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 

@@ -54,7 +54,8 @@ def check_block_ffn(backend, T, d_model, d_ff, g, top_k, *, act, bias, gated, dt
     assert y.dtype == dtype and y.shape == (T, d_model)
     assert_close(y, yr, atol=atol, rtol=rtol, name="y")
     names = ["dx", "dkeys", "dvalues", "dkey_bias", "dout_bias", "dgates"]
-    for name, got, want in zip(names, grads(x, keys, values, kb, ob, gates), grads(*ref_inputs)):
+    pairs = zip(names, grads(x, keys, values, kb, ob, gates), grads(*ref_inputs), strict=True)
+    for name, got, want in pairs:
         if want is None and got is None:
             continue
         # Gradients sum over tokens: scale the tolerance with the problem size in low precision.
@@ -108,7 +109,7 @@ def test_sparse_ffn_end_to_end(backend, act, bias):
     yr.backward(dy.double())
     assert_close(y, yr, name="y")
     for name, got, want in zip(["dx", "dkeys", "dvalues", "dkey_bias", "dout_bias"],
-                               grads(x, keys, values, kb, ob), grads(*ref_inputs)):
+                               grads(x, keys, values, kb, ob), grads(*ref_inputs), strict=True):
         if want is not None:
             assert_close(got, want, name=name)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -48,4 +48,4 @@ class AOTSpec:
     is_gemm: bool
     num_warps: int = 4
     num_stages: int = 3
-    maxnreg: Optional[int] = None
+    maxnreg: int | None = None
