@@ -805,7 +805,9 @@ def _plot_series(rows: list, mode: str, x_key: str, series_key: str) -> tuple:
     series = collections.defaultdict(dict)
     for r in mrows:
         if (r["tokens"], r["d_model"], r["d_ff"], r["dtype"], r["activation"]) == shape:
-            series[(r["provider"], r[series_key])][r[x_key]] = float(r["speedup_vs_dense"])
+            # The first row of a point wins: a preset's main rows come first.
+            series[(r["provider"], r[series_key])].setdefault(r[x_key],
+                                                               float(r["speedup_vs_dense"]))
     return shape, {k: v for k, v in series.items() if len(v) >= 2}
 
 
