@@ -43,18 +43,21 @@ def _cuda_extension_kwargs() -> dict:
         if forced:
             raise RuntimeError(f"SFNN_BUILD_CUDA=1 but {reason}")
         if flag or torch.version.cuda is not None:
-            warnings.warn(f"sfnn: skipping the CUDA extension: {reason}")
+            warnings.warn(f"sfnn: skipping the CUDA extension: {reason}", stacklevel=1)
         return {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))
+                     + glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         return {}
     ext = CUDAExtension(
         name="sfnn._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *NVCC_ARCH_FLAGS]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", *NVCC_ARCH_FLAGS]},
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    build_ext = BuildExtension.with_options(use_ninja=True)
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": build_ext}}
 
 
 setup(

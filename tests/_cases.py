@@ -28,3 +28,9 @@ def upcast(*tensors, dtype=torch.float64):
 
 def grads(*tensors):
     return [None if t is None else t.grad for t in tensors]
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's tests run: Triton on the GPU when there is one, else in the interpreter
+    on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1 only when there is no GPU)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

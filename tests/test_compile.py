@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cases import make_problem
+from _cases import backend_device, make_problem
 
 import sfnn
 from sfnn import ops
@@ -17,13 +17,14 @@ def _backends():
 
 @pytest.mark.parametrize("backend", _backends())
 def test_opcheck_registered_ops(backend):
-    x, keys, values, kb, ob = make_problem(12, 16, 64)
+    dev = backend_device(backend)
+    x, keys, values, kb, ob = make_problem(12, 16, 64, device=dev)
     kbar, bbar = ops.block_means_op(keys, kb, 16, backend)
     torch.library.opcheck(ops.block_means_op, (keys, kb, 16, backend))
     torch.library.opcheck(ops.block_means_op, (keys, None, 16, backend))
     torch.library.opcheck(ops.select_blocks_op, (x, kbar, bbar, 3, backend))
     idx = ops.select_blocks_op(x, kbar, bbar, 3, backend)
-    gates = torch.rand(12, 3)
+    gates = torch.rand(12, 3, device=dev)
     for gate in (None, gates):
         args = (x, keys, values, idx, kb, ob, gate, 16, "gelu", backend, False, True)
         torch.library.opcheck(ops.block_ffn_op, args)

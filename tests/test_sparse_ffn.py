@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _cases import grads, make_problem, upcast
+from _cases import backend_device, grads, make_problem, upcast
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,16 +97,17 @@ def test_block_ffn_duplicate_indices_count_twice():
 def test_sparse_ffn_end_to_end(backend, act, bias):
     """The whole layer (means, selection, compute) against the reference, with all gradients."""
     T, d_model, d_ff, g, k = 45, 32, 160, 16, 3
-    x, keys, values, kb, ob = make_problem(T, d_model, d_ff, bias=bias, requires_grad=True)
+    x, keys, values, kb, ob = make_problem(T, d_model, d_ff, bias=bias, requires_grad=True,
+                                           device=backend_device(backend))
     y = sfnn.sparse_ffn(x, keys, values, block_size=g, top_k=k, key_bias=kb, out_bias=ob,
                         activation=act, backend=backend)
     dy = torch.randn_like(y)
     y.backward(dy)
-    ref_inputs = upcast(x, keys, values, kb, ob)
+    ref_inputs = upcast(*[None if t is None else t.cpu() for t in (x, keys, values, kb, ob)])
     xr, kr, vr, kbr, obr = ref_inputs
     yr = sparse_ffn_ref(xr, kr, vr, block_size=g, top_k=k, key_bias=kbr, out_bias=obr,
                         activation=act)
-    yr.backward(dy.double())
+    yr.backward(dy.double().cpu())
     assert_close(y, yr, name="y")
     for name, got, want in zip(["dx", "dkeys", "dvalues", "dkey_bias", "dout_bias"],
                                grads(x, keys, values, kb, ob), grads(*ref_inputs), strict=True):
@@ -120,7 +121,8 @@ def test_selection_matches_reference(backend, top_k):
     T, d_model, n_blocks = 61, 40, 10
     x = torch.randn(T, d_model)
     kbar, bbar = torch.randn(n_blocks, d_model), torch.randn(n_blocks)
-    idx = sfnn.select_blocks(x, kbar, bbar, top_k, backend=backend)
+    dev = backend_device(backend)
+    idx = sfnn.select_blocks(x.to(dev), kbar.to(dev), bbar.to(dev), top_k, backend=backend).cpu()
     assert idx.dtype == torch.int32 and idx.shape == (T, top_k)
     assert torch.equal(idx, select_blocks_ref(x, kbar, bbar, top_k))
 
@@ -130,7 +132,8 @@ def test_selection_ties_go_to_smaller_index(backend):
     kbar = torch.zeros(12, 16)
     kbar[[2, 5, 9]] = 1.0  # three equal best blocks; the rest tie at zero
     x = torch.ones(4, 16)
-    idx = sfnn.select_blocks(x, kbar, None, 5, backend=backend)
+    dev = backend_device(backend)
+    idx = sfnn.select_blocks(x.to(dev), kbar.to(dev), None, 5, backend=backend).cpu()
     assert idx.tolist() == [[2, 5, 9, 0, 1]] * 4
 
 
@@ -203,5 +206,6 @@ def test_selection_beyond_kernel_top_k(backend):
     T, d_model, n_blocks, top_k = 9, 16, 80, 70
     x = torch.randn(T, d_model)
     kbar, bbar = torch.randn(n_blocks, d_model), torch.randn(n_blocks)
-    idx = sfnn.select_blocks(x, kbar, bbar, top_k, backend=backend)
+    dev = backend_device(backend)
+    idx = sfnn.select_blocks(x.to(dev), kbar.to(dev), bbar.to(dev), top_k, backend=backend).cpu()
     assert torch.equal(idx, select_blocks_ref(x, kbar, bbar, top_k))
