@@ -112,10 +112,11 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
-            DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-            G: tl.constexpr):
-    """X_rows K_cells^T in fp32: [BLOCK_T, G]."""
+def _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
+                    DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                    G: tl.constexpr):
+    """X[tok] T[cells]^T in fp32, [BLOCK_T, G]: gathered rows of a (T, d_model) activation
+    against rows of a (d_ff, d_model) table (keys for A, values for dH)."""
     acc = tl.zeros([BLOCK_T, G], dtype=tl.float32)
     for d0 in range(0, d_model, BLOCK_K):
         dk = d0 + tl.arange(0, BLOCK_K)
@@ -269,8 +270,8 @@ def _block_ffn_fwd_kernel(
     cmask = o_c < BS
     cells = i_b.to(tl.int64) * BS + o_c  # [G]
 
-    b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
-                  DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
+    b_a = _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x,
+                          stride_k, DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
     if HAS_KB:
         b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if SAVE_A:
@@ -325,21 +326,15 @@ def _block_ffn_bwd_kernel(
         cmask = o_c < BS
         cells = i_b.to(tl.int64) * BS + o_c  # [BLOCK_G]
         m_rc = rmask[:, None] & cmask[None, :]
-        b_dh = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.float32)
-        for d0 in range(0, d_model, BLOCK_D):
-            dn = d0 + tl.arange(0, BLOCK_D)
-            dmask = dn < d_model
-            b_dy = tl.load(dy_ptr + tok[:, None] * stride_dy + dn[None, :],
-                           mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
-            b_vt = tl.load(values_ptr + cells[None, :] * stride_v + dn[:, None],
-                           mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, BLOCK_G]
-            b_dh = _dot(b_dy, b_vt, b_dh, DOT_PREC)
+        # dH = dY_rows V_cells^T: the same gathered-rows product as the pre-activation.
+        b_dh = _rows_dot_cells(dy_ptr, values_ptr, tok, rmask, cells, cmask, d_model, stride_dy,
+                               stride_v, DOT_PREC, BLOCK_T, BLOCK_D, BLOCK_G)  # [BLOCK_T, BLOCK_G]
         if LOAD_A:
             b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
                           other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_G]
         else:
-            b_a = _preact(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x,
-                          stride_k, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
+            b_a = _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model,
+                                  stride_x, stride_k, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
             if HAS_KB:
                 b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
         b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0)
