@@ -53,8 +53,9 @@ def _cuda_extension_kwargs() -> dict:
         name="sfnn._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", *NVCC_ARCH_FLAGS]},
+        # No -std flag: torch's BuildExtension picks the standard its headers need (C++20 from
+        # torch 2.13 on); forcing c++17 breaks the build against newer torch.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", *NVCC_ARCH_FLAGS]},
     )
     build_ext = BuildExtension.with_options(use_ninja=True)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": build_ext}}
