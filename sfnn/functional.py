@@ -157,7 +157,7 @@ def block_means(keys: Tensor, key_bias: Tensor | None = None, *, block_size: int
         ``key_bias``. Accumulated in float32 and cached while the tensors are unchanged.
 
     Example:
-        >>> kbar, bbar = sfnn.block_means(ffn.keys, ffn.key_bias, block_size=64)
+        >>> kbar, bbar = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=64)
     """
     _check_choice("backend", backend, ops.BACKENDS)
     _check_weights(keys, keys, key_bias, None, block_size)
@@ -271,7 +271,7 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
     needs_grad = _needs_grad(*t.values(), gates)
     be = ops.resolve_backend(backend, x.device, x2d.shape[0], needs_grad)
     with _autocast_off(autocast_device):
-        y2d, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
+        y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
                                   t["out_bias"], gates2d, block_size, activation, be,
                                   _deterministic(deterministic), needs_grad)
     return y2d.reshape(x.shape[:-1] + (d_model,))
@@ -328,7 +328,7 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
         # Means come from the parameters themselves (cached across calls), not the autocast copies.
         kbar, bbar = _block_means_cached(keys, key_bias, block_size, be)
         indices = ops.select_blocks_op(x2d.detach(), kbar, bbar, top_k, be)
-        y2d, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], indices, t["key_bias"],
+        y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], indices, t["key_bias"],
                                   t["out_bias"], None, block_size, activation, be,
                                   _deterministic(deterministic), needs_grad)
     return y2d.reshape(x.shape[:-1] + (d_model,))

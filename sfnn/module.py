@@ -16,9 +16,12 @@ class SparseFFN(nn.Module):
     ``top_k`` blocks of ``block_size`` cells whose mean key scores highest (Avg-K).
 
     Parameters (stored row-per-cell so a block is contiguous):
-        keys: (d_ff, d_model), like ``fc1.weight``; values: (d_ff, d_model), like
-        ``fc2.weight.T``; key_bias: (d_ff,); out_bias: (d_model,); both None when
-        ``bias=False``. Initialised as ``nn.Linear`` initialises fc1 and fc2.
+        key_weight: (d_ff, d_model), like ``fc1.weight`` (the cells' keys); value_weight:
+        (d_ff, d_model), like ``fc2.weight.T`` (the cells' values); key_bias: (d_ff,);
+        out_bias: (d_model,); both None when ``bias=False``. Initialised as ``nn.Linear``
+        initialises fc1 and fc2. (Not ``keys``/``values``: those names are ``nn.ModuleDict``
+        methods, and ``torch.nn.utils.parametrize`` keeps parametrizations in a ModuleDict
+        keyed by parameter name. Checkpoints saved with the old names still load.)
 
     Shapes: input (..., d_model) -> output (..., d_model).
 
@@ -46,8 +49,8 @@ class SparseFFN(nn.Module):
         self.backend = _check_choice("backend", backend, ops.BACKENDS)
         self.deterministic = deterministic
         factory = {"device": device, "dtype": dtype}
-        self.keys = nn.Parameter(torch.empty(d_ff, d_model, **factory))
-        self.values = nn.Parameter(torch.empty(d_ff, d_model, **factory))
+        self.key_weight = nn.Parameter(torch.empty(d_ff, d_model, **factory))
+        self.value_weight = nn.Parameter(torch.empty(d_ff, d_model, **factory))
         if bias:
             self.key_bias = nn.Parameter(torch.empty(d_ff, **factory))
             self.out_bias = nn.Parameter(torch.empty(d_model, **factory))
@@ -55,6 +58,7 @@ class SparseFFN(nn.Module):
             self.register_parameter("key_bias", None)
             self.register_parameter("out_bias", None)
         self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys, with_module=True)
 
     @property
     def n_blocks(self) -> int:
@@ -65,8 +69,8 @@ class SparseFFN(nn.Module):
         U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases alike."""
         bound1, bound2 = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_ff)
         with torch.no_grad():
-            self.keys.uniform_(-bound1, bound1)
-            self.values.uniform_(-bound2, bound2)
+            self.key_weight.uniform_(-bound1, bound1)
+            self.value_weight.uniform_(-bound2, bound2)
             if self.key_bias is not None:
                 self.key_bias.uniform_(-bound1, bound1)
                 self.out_bias.uniform_(-bound2, bound2)
@@ -90,8 +94,8 @@ class SparseFFN(nn.Module):
         ffn = cls(d_model, d_ff, block_size=block_size, top_k=top_k, activation=activation,
                   bias=True, device=w.device, dtype=w.dtype, **kwargs)
         with torch.no_grad():
-            ffn.keys.copy_(fc1.weight)
-            ffn.values.copy_(fc2.weight.t())
+            ffn.key_weight.copy_(fc1.weight)
+            ffn.value_weight.copy_(fc2.weight.t())
             for name, src in (("key_bias", fc1.bias), ("out_bias", fc2.bias)):
                 if src is None:
                     setattr(ffn, name, None)
@@ -100,12 +104,23 @@ class SparseFFN(nn.Module):
         return ffn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_ffn(x, self.keys, self.values, block_size=self.block_size, top_k=self.top_k,
-                          key_bias=self.key_bias, out_bias=self.out_bias,
+        return sparse_ffn(x, self.key_weight, self.value_weight, block_size=self.block_size,
+                          top_k=self.top_k, key_bias=self.key_bias, out_bias=self.out_bias,
                           activation=self.activation, backend=self.backend,
                           deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
                 f"top_k={self.top_k}, activation={self.activation!r}, "
-                f"bias={self.key_bias is not None}, backend={self.backend!r}")
+                f"key_bias={self.key_bias is not None}, out_bias={self.out_bias is not None}, "
+                f"backend={self.backend!r}")
+
+
+# sfnn 0.1 named the tables ``keys`` and ``values``; their checkpoints load under the new names.
+_LEGACY_NAMES = {"keys": "key_weight", "values": "value_weight"}
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    for old, new in _LEGACY_NAMES.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -1,13 +1,19 @@
 """The op layer: backend dispatch, torch.library registration and autograd, in one place.
 
-Every backend provides the same four functions (the backend protocol):
+Every backend provides the same functions (the backend protocol):
 
 - ``block_means(keys, key_bias, block_size) -> (kbar f32 (n_blocks, d_model), bbar f32 | None)``
 - ``select_blocks(x2d, kbar, bbar, top_k) -> int32 (T, top_k)``
 - ``block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size, activation,
-  save_for_backward, deterministic) -> (y, saved)``
-- ``block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size, activation,
-  deterministic) -> (dx, dkeys, dvalues, dkey_bias | None, dgates | None)``
+  save_for_backward, deterministic) -> (y, saved, route)``: ``saved`` holds what the backward
+  needs of the activations (empty when not saving), ``route`` is the backend's routing of the
+  (token, slot) pairs kept for the backward (int32, empty when the backend keeps none; its
+  length is ``route_numel(T, top_k, n_blocks, deterministic)``)
+- ``block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route, *, block_size,
+  activation, deterministic, needs) -> (dx, dkeys, dvalues, dkey_bias, dgates)``: ``needs`` is
+  one bool per output (:data:`GRAD_NAMES` order); an output not needed (or of an absent input)
+  is None, and the work only it needs is skipped
+- ``route_numel(T, top_k, n_blocks, deterministic) -> int``
 
 They receive contiguous tensors with T >= 1. The ops registered here (namespace ``sfnn``) wrap
 them so that ``torch.compile`` traces the layer without graph breaks: ``sfnn::block_means``,
@@ -28,6 +34,8 @@ from . import torch_path
 Tensor = torch.Tensor
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
+# The gradients block_ffn_bwd returns, in order (out_bias's is dy.sum(0), taken by the op layer).
+GRAD_NAMES = ("x", "keys", "values", "key_bias", "gates")
 # The CUDA extension serves decoding: at most this many tokens under backend="auto".
 CUDA_DECODE_MAX_TOKENS = 15
 
@@ -60,6 +68,7 @@ def _triton_backend() -> SimpleNamespace:
         select_blocks=select_blocks,
         block_ffn_fwd=block_ffn.block_ffn_fwd,
         block_ffn_bwd=block_ffn.block_ffn_bwd,
+        route_numel=block_ffn.route_numel,
     )
 
 
@@ -81,14 +90,15 @@ def _cuda_backend() -> SimpleNamespace:
                       activation, save_for_backward, deterministic):
         y = ext.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
                            block_size=block_size, activation=activation)
-        return y, x2d.new_empty(0)
+        return y, x2d.new_empty(0), indices.new_empty(0)
 
     def block_ffn_bwd(*args, **kwargs):
         raise RuntimeError("backend='cuda' is forward-only (decoding); use 'triton' or 'torch' "
                            "for training")
 
     return SimpleNamespace(block_means=torch_path.block_means, select_blocks=ext.decode_select,
-                           block_ffn_fwd=block_ffn_fwd, block_ffn_bwd=block_ffn_bwd)
+                           block_ffn_fwd=block_ffn_fwd, block_ffn_bwd=block_ffn_bwd,
+                           route_numel=lambda *args: 0)
 
 
 def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -140,10 +150,6 @@ def _impl(backend: str) -> SimpleNamespace:
     raise ValueError(f"no kernel implementation for backend {backend!r}")
 
 
-def _none_if_empty(t: Tensor | None) -> Tensor | None:
-    return None if t is None or t.numel() == 0 else t
-
-
 def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
@@ -186,75 +192,104 @@ def _saved_shape(x2d: Tensor, indices: Tensor, block_size: int, save: bool, back
     return (indices.numel(), block_size)
 
 
+def _route_shape(x2d: Tensor, indices: Tensor, n_blocks: int, save: bool, backend: str,
+                 deterministic: bool):
+    if not save or x2d.shape[0] == 0:
+        return (0,)
+    return (_impl(backend).route_numel(x2d.shape[0], indices.shape[1], n_blocks, deterministic),)
+
+
 @torch.library.custom_op("sfnn::block_ffn", mutates_args=())
 def block_ffn_op(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
                  key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None,
                  block_size: int, activation: str, backend: str, deterministic: bool,
-                 save_for_backward: bool) -> tuple[Tensor, Tensor]:
-    """(y (T, d_model), saved): the block FFN over the given block indices."""
+                 save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (T, d_model), saved, route): the block FFN over the given block indices, and what the
+    backward reuses (empty when ``save_for_backward`` is False)."""
     T, d_model = x2d.shape
     if T == 0:
-        y = x2d.new_zeros(0, d_model)
-        return y, x2d.new_empty(0)
-    y, saved = _impl(backend).block_ffn_fwd(
+        return x2d.new_zeros(0, d_model), x2d.new_empty(0), indices.new_empty(0)
+    y, saved, route = _impl(backend).block_ffn_fwd(
         x2d.contiguous(), keys.contiguous(), values.contiguous(), indices.contiguous(),
         key_bias, out_bias, gates, block_size=block_size, activation=activation,
         save_for_backward=save_for_backward, deterministic=deterministic)
-    return y, saved
+    return y, saved, route
 
 
 @block_ffn_op.register_fake
 def _(x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
       deterministic, save_for_backward):
-    shape = _saved_shape(x2d, indices, block_size, save_for_backward, backend)
-    return x2d.new_empty(x2d.shape), x2d.new_empty(shape)
+    saved = _saved_shape(x2d, indices, block_size, save_for_backward, backend)
+    route = _route_shape(x2d, indices, keys.shape[0] // block_size, save_for_backward, backend,
+                         deterministic)
+    return x2d.new_empty(x2d.shape), x2d.new_empty(saved), indices.new_empty(route)
 
 
 @torch.library.custom_op("sfnn::block_ffn_backward", mutates_args=())
 def block_ffn_backward_op(dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
                           key_bias: Tensor | None, gates: Tensor | None, saved: Tensor,
-                          block_size: int, activation: str, backend: str,
-                          deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dkeys, dvalues, dkey_bias, dgates); the last two are empty when absent."""
+                          route: Tensor, block_size: int, activation: str, backend: str,
+                          deterministic: bool, needs: list[bool],
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dkeys, dvalues, dkey_bias, dgates) in :data:`GRAD_NAMES` order; a gradient not in
+    ``needs`` (or of an absent input) is an empty tensor."""
+    needs = _effective_needs(needs, key_bias, gates)
     if x2d.shape[0] == 0:
-        dx, dkeys, dvalues = torch.zeros_like(x2d), torch.zeros_like(keys), torch.zeros_like(values)
-        dkb = None if key_bias is None else torch.zeros_like(key_bias)
-        dgates = None if gates is None else torch.zeros_like(gates)
+        grads = (torch.zeros_like(x2d), torch.zeros_like(keys), torch.zeros_like(values),
+                 None if key_bias is None else torch.zeros_like(key_bias),
+                 None if gates is None else torch.zeros_like(gates))
+        grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
     else:
-        dx, dkeys, dvalues, dkb, dgates = _impl(backend).block_ffn_bwd(
+        grads = _impl(backend).block_ffn_bwd(
             dy.contiguous(), x2d.contiguous(), keys.contiguous(), values.contiguous(),
-            indices.contiguous(), key_bias, gates, saved, block_size=block_size,
-            activation=activation, deterministic=deterministic)
-    return dx, dkeys, dvalues, _empty_if_none(dkb, keys), _empty_if_none(dgates, x2d)
+            indices.contiguous(), key_bias, gates, saved, route, block_size=block_size,
+            activation=activation, deterministic=deterministic, needs=needs)
+    likes = (x2d, keys, values, keys, x2d)
+    return tuple(_empty_if_none(g, like) for g, like in zip(grads, likes, strict=True))
 
 
 @block_ffn_backward_op.register_fake
-def _(dy, x2d, keys, values, indices, key_bias, gates, saved, block_size, activation, backend,
-      deterministic):
-    dkb = keys.new_empty(0) if key_bias is None else torch.empty_like(key_bias)
-    dgates = x2d.new_empty(0) if gates is None else torch.empty_like(gates)
-    return torch.empty_like(x2d), torch.empty_like(keys), torch.empty_like(values), dkb, dgates
+def _(dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size, activation,
+      backend, deterministic, needs):
+    needs = _effective_needs(needs, key_bias, gates)
+    outs = (x2d, keys, values, key_bias, gates)
+    likes = (x2d, keys, values, keys, x2d)
+    return tuple(torch.empty_like(t) if need else like.new_empty(0)
+                 for t, need, like in zip(outs, needs, likes, strict=True))
+
+
+def _effective_needs(needs, key_bias, gates) -> tuple[bool, ...]:
+    """``needs`` with the gradients of absent inputs turned off."""
+    if len(needs) != len(GRAD_NAMES):
+        raise ValueError(f"needs must hold {len(GRAD_NAMES)} flags {GRAD_NAMES}, got {needs}")
+    dx, dkeys, dvalues, dkb, dgates = (bool(n) for n in needs)
+    return dx, dkeys, dvalues, dkb and key_bias is not None, dgates and gates is not None
 
 
 def _block_ffn_setup_context(ctx, inputs, output):
     (x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
      deterministic, _save) = inputs
-    ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1])
+    ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1], output[2])
     ctx.config = (block_size, activation, backend, deterministic)
     ctx.has_out_bias = out_bias is not None
 
 
-def _block_ffn_backward(ctx, dy, _dsaved):
-    x2d, keys, values, indices, key_bias, gates, saved = ctx.saved_tensors
+def _block_ffn_backward(ctx, dy, _dsaved, _droute):
+    x2d, keys, values, indices, key_bias, gates, saved, route = ctx.saved_tensors
     block_size, activation, backend, deterministic = ctx.config
-    dx, dkeys, dvalues, dkb, dgates = block_ffn_backward_op(
-        dy, x2d, keys, values, indices, key_bias, gates, saved, block_size, activation, backend,
-        deterministic)
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-    dout_bias = dy.sum(0, dtype=acc).to(dy.dtype) if ctx.has_out_bias else None
-    dgates = None if gates is None else dgates.to(gates.dtype)
-    return (dx, dkeys, dvalues, None, _none_if_empty(dkb) if key_bias is not None else None,
-            dout_bias, dgates, None, None, None, None, None)
+    need = ctx.needs_input_grad
+    needs = [need[0], need[1], need[2], need[4], need[6]]
+    grads = block_ffn_backward_op(
+        dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size, activation,
+        backend, deterministic, needs)
+    dx, dkeys, dvalues, dkb, dgates = (g if n else None for g, n in zip(grads, needs, strict=True))
+    dout_bias = None
+    if need[5]:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dout_bias = dy.sum(0, dtype=acc).to(dy.dtype)
+    if dgates is not None:
+        dgates = dgates.to(gates.dtype)
+    return (dx, dkeys, dvalues, None, dkb, dout_bias, dgates, None, None, None, None, None)
 
 
 block_ffn_op.register_autograd(_block_ffn_backward, setup_context=_block_ffn_setup_context)

@@ -83,6 +83,11 @@ class _Routing:
         self.spans = [(b, s, e) for b, (s, e) in spans if e > s]
 
 
+def route_numel(T: int, top_k: int, n_blocks: int, deterministic: bool) -> int:
+    """The torch path keeps no routing for the backward (it sorts again: one argsort)."""
+    return 0
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -91,22 +96,23 @@ def block_ffn_fwd(
     x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
     key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None, *,
     block_size: int, activation: str, save_for_backward: bool, deterministic: bool,
-) -> tuple[Tensor, Tensor]:
-    """y (T, d_model) in x's dtype, and the selected pre-activations (T*top_k, g) in block order
-    when ``save_for_backward`` (else an empty tensor). Deterministic always (CPU index_add_)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y (T, d_model) in x's dtype, the selected pre-activations (T*top_k, g) in block order
+    when ``save_for_backward`` (else an empty tensor), and an empty route (see
+    :func:`route_numel`). Deterministic always (CPU index_add_)."""
     del deterministic  # sequential scatter on the host: always bitwise repeatable
     T, d_model = x2d.shape
     g = block_size
-    route = _Routing(indices, keys.shape[0] // g)
+    routing = _Routing(indices, keys.shape[0] // g)
     acc = _acc_dtype(x2d.dtype)
     y = torch.zeros(T, d_model, dtype=acc, device=x2d.device)
     if out_bias is not None:
         y += out_bias
-    saved = x2d.new_empty(route.pairs.numel(), g) if save_for_backward else x2d.new_empty(0)
-    pair_gates = None if gates is None else gates.reshape(-1)[route.pairs]
-    for b, s, e in route.spans:
+    saved = x2d.new_empty(routing.pairs.numel(), g) if save_for_backward else x2d.new_empty(0)
+    pair_gates = None if gates is None else gates.reshape(-1)[routing.pairs]
+    for b, s, e in routing.spans:
         rows = slice(b * g, (b + 1) * g)
-        tok = route.tokens[s:e]
+        tok = routing.tokens[s:e]
         xb = x2d.index_select(0, tok)  # [n, d_model]
         if key_bias is not None:
             pre = torch.addmm(key_bias[rows], xb, keys[rows].t())  # [n, g]
@@ -118,55 +124,65 @@ def block_ffn_fwd(
         if pair_gates is not None:
             h = h * pair_gates[s:e, None].to(h.dtype)
         y.index_add_(0, tok, (h @ values[rows]).to(acc))
-    return y.to(x2d.dtype), saved
+    return y.to(x2d.dtype), saved, indices.new_empty(0)
 
 
 def block_ffn_bwd(
     dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
-    key_bias: Tensor | None, gates: Tensor | None, saved: Tensor, *,
-    block_size: int, activation: str, deterministic: bool,
+    key_bias: Tensor | None, gates: Tensor | None, saved: Tensor, route: Tensor, *,
+    block_size: int, activation: str, deterministic: bool, needs: tuple[bool, ...],
 ):
-    """(dx, dkeys, dvalues, dkey_bias | None, dgates float32 | None); pre-activations come from
-    ``saved`` when the forward kept them, else they are recomputed."""
-    del deterministic
+    """(dx, dkeys, dvalues, dkey_bias, dgates float32), each None when ``needs`` (one flag per
+    output) leaves it out; pre-activations come from ``saved`` when the forward kept them, else
+    they are recomputed. Only the GEMMs of the needed gradients run."""
+    del deterministic, route
+    need_dx, need_dk, need_dv, need_dkb, need_dg = needs
+    need_da = need_dx or need_dk or need_dkb
     T, d_model = x2d.shape
     g = block_size
-    route = _Routing(indices, keys.shape[0] // g)
+    routing = _Routing(indices, keys.shape[0] // g)
     acc = _acc_dtype(x2d.dtype)
-    dx = torch.zeros(T, d_model, dtype=acc, device=x2d.device)
-    dkeys = torch.zeros_like(keys)
-    dvalues = torch.zeros_like(values)
-    dkey_bias = None if key_bias is None else torch.zeros_like(key_bias)
+    dx = torch.zeros(T, d_model, dtype=acc, device=x2d.device) if need_dx else None
+    dkeys = torch.zeros_like(keys) if need_dk else None
+    dvalues = torch.zeros_like(values) if need_dv else None
+    dkey_bias = torch.zeros_like(key_bias) if need_dkb else None
     dgates_pairs = None
-    if gates is not None:
-        dgates_pairs = torch.zeros(route.pairs.numel(), dtype=acc, device=x2d.device)
-    pair_gates = None if gates is None else gates.reshape(-1)[route.pairs]
-    for b, s, e in route.spans:
+    if need_dg:
+        dgates_pairs = torch.zeros(routing.pairs.numel(), dtype=acc, device=x2d.device)
+    pair_gates = None if gates is None else gates.reshape(-1)[routing.pairs]
+    for b, s, e in routing.spans:
         rows = slice(b * g, (b + 1) * g)
-        tok = route.tokens[s:e]
-        xb = x2d.index_select(0, tok)  # [n, d_model]
+        tok = routing.tokens[s:e]
         dyb = dy.index_select(0, tok)  # [n, d_model]
+        xb = x2d.index_select(0, tok) if (need_dk or not saved.numel()) else None  # [n, d_model]
         if saved.numel():
             pre = saved[s:e]
         elif key_bias is not None:
             pre = torch.addmm(key_bias[rows], xb, keys[rows].t())
         else:
             pre = xb @ keys[rows].t()
-        h = apply_activation(pre, activation)  # [n, g]
-        dh = dyb @ values[rows].t()  # [n, g], before the gate
+        h = apply_activation(pre, activation) if (need_dv or need_dg) else None  # [n, g]
+        dh = dyb @ values[rows].t() if (need_da or need_dg) else None  # [n, g], before the gate
         if pair_gates is not None:
-            gate = pair_gates[s:e, None].to(h.dtype)
-            dgates_pairs[s:e] = (h * dh).sum(1, dtype=acc)
-            h, dh = h * gate, dh * gate
-        dvalues[rows] = h.t() @ dyb
+            gate = pair_gates[s:e, None].to(pre.dtype)
+            if need_dg:
+                dgates_pairs[s:e] = (h * dh).sum(1, dtype=acc)
+            h = None if h is None else h * gate
+            dh = None if dh is None else dh * gate
+        if need_dv:
+            dvalues[rows] = h.t() @ dyb
+        if not need_da:
+            continue
         da = dh * activation_grad(pre, activation)
-        dkeys[rows] = da.t() @ xb
-        if dkey_bias is not None:
+        if need_dk:
+            dkeys[rows] = da.t() @ xb
+        if need_dkb:
             dkey_bias[rows] = da.sum(0, dtype=acc)
-        dx.index_add_(0, tok, (da @ keys[rows]).to(acc))
+        if need_dx:
+            dx.index_add_(0, tok, (da @ keys[rows]).to(acc))
     dgates = None
     if dgates_pairs is not None:
         dgates = torch.empty_like(dgates_pairs)
-        dgates[route.pairs] = dgates_pairs
+        dgates[routing.pairs] = dgates_pairs
         dgates = dgates.view(T, -1)
-    return dx.to(x2d.dtype), dkeys, dvalues, dkey_bias, dgates
+    return (None if dx is None else dx.to(x2d.dtype)), dkeys, dvalues, dkey_bias, dgates

@@ -34,8 +34,8 @@ def test_from_dense_equals_dense_ffn_at_full_density(act):
     y.sum().backward()
     y_dense.sum().backward()
     assert_close(x.grad, x2.grad, name="dx")
-    assert_close(ffn.keys.grad, fc1.weight.grad, name="dkeys")
-    assert_close(ffn.values.grad, fc2.weight.grad.t(), name="dvalues")
+    assert_close(ffn.key_weight.grad, fc1.weight.grad, name="dkeys")
+    assert_close(ffn.value_weight.grad, fc2.weight.grad.t(), name="dvalues")
     assert_close(ffn.key_bias.grad, fc1.bias.grad, name="dkey_bias")
     assert_close(ffn.out_bias.grad, fc2.bias.grad, name="dout_bias")
 
@@ -55,7 +55,8 @@ def test_module_initialisation_matches_linear():
     torch.manual_seed(0)
     ffn = sfnn.SparseFFN(256, 1024, block_size=64, top_k=4)
     b1, b2 = 256 ** -0.5, 1024 ** -0.5
-    for p, bound in ((ffn.keys, b1), (ffn.key_bias, b1), (ffn.values, b2), (ffn.out_bias, b2)):
+    tables = ((ffn.key_weight, b1), (ffn.key_bias, b1), (ffn.value_weight, b2), (ffn.out_bias, b2))
+    for p, bound in tables:
         p = p.detach()
         assert float(p.abs().max()) <= bound
         assert float(p.abs().max()) > 0.95 * bound  # uniform over the whole range
@@ -136,19 +137,19 @@ def test_no_grad_keeps_nothing_for_backward(monkeypatch):
 
 def test_block_means_cache_hits_and_sees_in_place_updates():
     ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=1, backend="torch")
-    first = sfnn.block_means(ffn.keys, ffn.key_bias, block_size=16)
-    again = sfnn.block_means(ffn.keys, ffn.key_bias, block_size=16)
+    first = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=16)
+    again = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=16)
     assert first[0] is again[0]
     x = torch.randn(8, 16)
     before = ffn(x)
     with torch.no_grad():  # as an optimizer step does: make block 3 win for every token
-        ffn.keys[48:64] = 0.0
-        ffn.keys[48:64, 0] = 100.0
+        ffn.key_weight[48:64] = 0.0
+        ffn.key_weight[48:64, 0] = 100.0
         ffn.key_bias.add_(0.0)
-    after_means = sfnn.block_means(ffn.keys, ffn.key_bias, block_size=16)
+    after_means = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=16)
     assert after_means[0] is not first[0]
     xp = x.abs() + 0.1  # positive first feature: block 3 scores highest
-    assert_close(ffn(xp), sparse_ffn_ref(xp, ffn.keys, ffn.values, block_size=16, top_k=1,
+    assert_close(ffn(xp), sparse_ffn_ref(xp, ffn.key_weight, ffn.value_weight, block_size=16, top_k=1,
                                          key_bias=ffn.key_bias, out_bias=ffn.out_bias))
     assert sfnn.select_blocks(xp, *after_means, 1).flatten().tolist() == [3] * 8
     assert not torch.equal(before, ffn(x))
@@ -164,7 +165,7 @@ def test_training_step_updates_selection():
         opt.zero_grad()
         ffn(x).pow(2).mean().backward()
         opt.step()
-        ref = sparse_ffn_ref(x, ffn.keys, ffn.values, block_size=12, top_k=2,
+        ref = sparse_ffn_ref(x, ffn.key_weight, ffn.value_weight, block_size=12, top_k=2,
                              key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="silu")
         assert_close(ffn(x), ref)
 
@@ -189,13 +190,13 @@ def test_autocast_follows_linear():
         y = ffn(x)
         y_lin = lin(x)
     assert y.dtype == y_lin.dtype == torch.bfloat16
-    ref = sparse_ffn_ref(x.bfloat16().double(), ffn.keys.bfloat16().double(),
-                         ffn.values.bfloat16().double(), block_size=16, top_k=3,
+    ref = sparse_ffn_ref(x.bfloat16().double(), ffn.key_weight.bfloat16().double(),
+                         ffn.value_weight.bfloat16().double(), block_size=16, top_k=3,
                          key_bias=ffn.key_bias.bfloat16().double(),
                          out_bias=ffn.out_bias.bfloat16().double(), activation="gelu")
     assert_close(y, ref, name="y")
     y.float().sum().backward()
-    assert ffn.keys.grad.dtype == torch.float32 and ffn.keys.grad.abs().sum() > 0
+    assert ffn.key_weight.grad.dtype == torch.float32 and ffn.key_weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -212,3 +213,65 @@ def test_reference_backend_matches_torch():
     x, keys, values, kb, ob = make_problem(30, 16, 64)
     assert_close(_ffn(x, keys, values, kb, ob, backend="reference"),
                  _ffn(x, keys, values, kb, ob, backend="torch"))
+
+
+def test_weight_norm_and_parametrizations_work_on_the_tables():
+    """The tables are not called keys/values: parametrize keeps a ModuleDict keyed by name,
+    and ModuleDict.keys/values would collide ("attribute 'keys' already exists")."""
+    ffn = sfnn.SparseFFN(16, 64, block_size=8, top_k=2)
+    x = torch.randn(5, 16)
+    before = ffn(x)
+    torch.nn.utils.parametrizations.weight_norm(ffn, "key_weight", dim=0)
+    torch.nn.utils.parametrizations.weight_norm(ffn, "value_weight", dim=0)
+    assert_close(ffn(x), before, name="y after weight_norm")
+    ffn(x).sum().backward()
+    original0 = ffn.parametrizations.key_weight.original0
+    assert original0.grad is not None and float(original0.grad.abs().sum()) > 0
+
+
+def test_legacy_state_dict_names_load():
+    ffn = sfnn.SparseFFN(16, 64, block_size=8, top_k=2)
+    legacy = {("keys" if k == "key_weight" else "values" if k == "value_weight" else k): v
+              for k, v in ffn.state_dict().items()}
+    assert "keys" in legacy and "key_weight" not in legacy
+    other = sfnn.SparseFFN(16, 64, block_size=8, top_k=2)
+    other.load_state_dict(legacy)
+    assert torch.equal(other.key_weight, ffn.key_weight)
+    assert torch.equal(other.value_weight, ffn.value_weight)
+
+
+def test_extra_repr_names_each_bias():
+    ffn = sfnn.SparseFFN(8, 32, block_size=8, top_k=1)
+    ffn.out_bias = None
+    text = repr(ffn)
+    assert "key_bias=True" in text and "out_bias=False" in text
+
+
+@pytest.mark.parametrize("frozen", ["keys", "values", "x", "key_bias"])
+def test_backward_computes_only_the_gradients_asked_for(monkeypatch, frozen):
+    """Fine-tuning with a frozen table must not pay for its gradient (needs_input_grad)."""
+    seen = []
+    real = torch_path.block_ffn_bwd
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["needs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_path, "block_ffn_bwd", spy)
+    x, keys, values, kb, ob = make_problem(20, 16, 64)
+    named = dict(x=x, keys=keys, values=values, key_bias=kb)
+    for name, t in named.items():
+        t.requires_grad_(name != frozen)
+    y = _ffn(x, keys, values, kb, ob, backend="torch", activation="gelu")
+    y.square().sum().backward()
+    expected = tuple(name != frozen for name in ("x", "keys", "values", "key_bias")) + (False,)
+    assert seen == [expected]
+    refs = {n: t.detach().clone().requires_grad_(n != frozen) for n, t in named.items()}
+    ref = sparse_ffn_ref(refs["x"], refs["keys"], refs["values"], block_size=16, top_k=2,
+                         key_bias=refs["key_bias"], out_bias=ob, activation="gelu")
+    ref.square().sum().backward()
+    for name, t in named.items():
+        if name == frozen:
+            assert t.grad is None
+        else:
+            assert_close(t.grad, refs[name].grad, name=f"d{name}")

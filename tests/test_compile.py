@@ -32,11 +32,12 @@ def test_opcheck_registered_ops(backend):
     args = (xg, keys.clone().requires_grad_(), values, idx, kb, ob, gates.clone().requires_grad_(),
             16, "silu", backend, False, True)
     torch.library.opcheck(ops.block_ffn_op, args)
-    y, saved = ops.block_ffn_op(x, keys, values, idx, kb, ob, gates, 16, "relu", backend, False,
-                                True)
-    torch.library.opcheck(ops.block_ffn_backward_op,
-                          (torch.randn_like(y), x, keys, values, idx, kb, gates, saved, 16, "relu",
-                           backend, False))
+    y, saved, route = ops.block_ffn_op(x, keys, values, idx, kb, ob, gates, 16, "relu", backend,
+                                       False, True)
+    for needs in ([True] * 5, [True, False, True, False, True], [False, True, False, True, False]):
+        torch.library.opcheck(ops.block_ffn_backward_op,
+                              (torch.randn_like(y), x, keys, values, idx, kb, gates, saved, route,
+                               16, "relu", backend, False, needs))
 
 
 def test_compile_fullgraph_forward_and_backward():
@@ -47,7 +48,7 @@ def test_compile_fullgraph_forward_and_backward():
     y = compiled(x)
     y.sum().backward()
     ref_x = x.detach().clone().requires_grad_()
-    ref = sparse_ffn_ref(ref_x, ffn.keys, ffn.values, block_size=16, top_k=2,
+    ref = sparse_ffn_ref(ref_x, ffn.key_weight, ffn.value_weight, block_size=16, top_k=2,
                          key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="gelu")
     ref.sum().backward()
     assert_close(y, ref, name="y")
@@ -64,4 +65,4 @@ def test_compile_inductor_fullgraph():
     y = compiled(x)
     y.pow(2).sum().backward()
     assert_close(y, ffn(x.detach()), name="y")
-    assert ffn.keys.grad is not None and x.grad is not None
+    assert ffn.key_weight.grad is not None and x.grad is not None

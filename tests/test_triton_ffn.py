@@ -84,13 +84,13 @@ def _problem(T, d, g, n_blocks, top_k, *, dtype, device, key_bias=True, out_bias
 
 
 def _triton(p, *, g, activation, deterministic, save=True):
-    y, saved = block_ffn_fwd(
+    y, saved, route = block_ffn_fwd(
         p["x"], p["keys"], p["values"], p["indices"], p["key_bias"], p["out_bias"], p["gates"],
         block_size=g, activation=activation, save_for_backward=save,
         deterministic=deterministic)
     grads = block_ffn_bwd(
         p["dy"], p["x"], p["keys"], p["values"], p["indices"], p["key_bias"], p["gates"], saved,
-        block_size=g, activation=activation, deterministic=deterministic)
+        route, block_size=g, activation=activation, deterministic=deterministic)
     return (y, *grads)
 
 

@@ -471,6 +471,11 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+def route_numel(T: int, top_k: int, n_blocks: int, deterministic: bool) -> int:
+    """Routing kept for the backward: none yet (the backward sorts the pairs again)."""
+    return 0
+
+
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
                   activation, save_for_backward, deterministic):
     """Block FFN forward over ``indices``.
@@ -523,11 +528,11 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
             FIRST=j == 0, LAST=j == n_launch - 1, **common)
     if not by_slot and dtype != torch.float32:
         y = acc.to(dtype)
-    return y, saved
+    return y, saved, indices.new_empty(0)
 
 
-def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size,
-                  activation, deterministic):
+def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, saved_route=None, *,
+                  block_size, activation, deterministic, needs=(True,) * 5):
     """Block FFN backward: ``(dx, dkeys, dvalues, dkey_bias | None, dgates float32 | None)``.
 
     dy: (T, d) contiguous in x's dtype; ``saved`` is the forward's second output (the
@@ -600,7 +605,9 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
         dy, gh, routing.order, routing.seg_offsets, dvalues, dvalues,
         d_model, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
         BS=block_size, HAS_KB=False, DOT_PREC=prec)
-    return dx, dkeys, dvalues, dkey_bias, dgates
+    # TODO(kernels v2): skip the kernels whose outputs are not needed.
+    grads = (dx, dkeys, dvalues, dkey_bias, dgates)
+    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
 
 
 def _unwrap(kernel):
