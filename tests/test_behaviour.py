@@ -149,8 +149,9 @@ def test_block_means_cache_hits_and_sees_in_place_updates():
     after_means = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=16)
     assert after_means[0] is not first[0]
     xp = x.abs() + 0.1  # positive first feature: block 3 scores highest
-    assert_close(ffn(xp), sparse_ffn_ref(xp, ffn.key_weight, ffn.value_weight, block_size=16, top_k=1,
-                                         key_bias=ffn.key_bias, out_bias=ffn.out_bias))
+    ref = sparse_ffn_ref(xp, ffn.key_weight, ffn.value_weight, block_size=16, top_k=1,
+                         key_bias=ffn.key_bias, out_bias=ffn.out_bias)
+    assert_close(ffn(xp), ref)
     assert sfnn.select_blocks(xp, *after_means, 1).flatten().tolist() == [3] * 8
     assert not torch.equal(before, ffn(x))
 
