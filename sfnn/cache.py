@@ -7,7 +7,9 @@ anyway at realistic token counts, so there the means are simply recomputed. Henc
 - A :class:`BlockMeansCache` belongs to its layer (``SparseFFN.means_cache``); a functional
   caller owns one by passing ``means_cache=`` to :func:`sfnn.sparse_ffn`. Nothing is attached
   to user tensors (no weak references, so ``torch.utils.swap_tensors`` works), and there is no
-  process-wide table.
+  process-wide table. The entry holds strong references to the keys and key bias it was filled
+  from, so ``SparseFFN`` uses its cache only for its own stored parameters (a parametrization
+  makes new tensors on every call).
 - It serves only where the keys take no part in autograd (``torch.no_grad()``/``inference_mode``,
   or keys that do not require grad) and steps aside, recomputing, under ``torch.compile``
   tracing, ``torch.func`` transforms, CUDA-graph capture, for inference tensors (they have no
@@ -140,7 +142,8 @@ class BlockMeansCache:
 
     def compute(self, keys: Tensor, key_bias: Tensor | None, block_size: int,
                 backend: str) -> tuple[Tensor, Tensor | None]:
-        """Fresh means (the one place they are computed: a subclass may override it)."""
+        """Fresh means: the one place they are computed for every call made with this cache
+        (fills, and calls where it may not serve), so a subclass may override it."""
         return fresh_block_means(keys, key_bias, block_size, backend)
 
     def lookup(self, keys: Tensor, key_bias: Tensor | None, block_size: int,

@@ -316,6 +316,55 @@ def test_copies_and_pickles_carry_no_means(x):
     _check_current(ffn, x, "original")
 
 
+def test_module_caches_only_its_stored_keys(x, count_computes):
+    """A parametrization makes a new key tensor on every access: no cache (each entry would keep
+    one alive), and the layer stays right when the parametrization's originals change. A layer
+    whose means_cache is None never caches; one unpickled from sfnn 0.1 gets a cache."""
+    ffn = sfnn.SparseFFN(D_MODEL, D_FF, block_size=G, top_k=K).eval()
+    torch.nn.utils.parametrizations.weight_norm(ffn, "key_weight", dim=0)
+    _check_current(ffn, x, "weight_norm, first call")
+    with torch.no_grad():
+        ffn.parametrizations.key_weight.original1.mul_(-1.0)
+    _check_current(ffn, x, "weight_norm, after changing the direction")
+    assert count_computes == [] and not ffn.means_cache.filled
+    plain = sfnn.SparseFFN(D_MODEL, D_FF, block_size=G, top_k=K).eval()
+    plain.means_cache = None
+    _check_current(plain, x, "means_cache=None")
+    plain.train().eval().refresh_block_means()
+    state = {k: v for k, v in sfnn.SparseFFN(8, 32, block_size=8, top_k=1).__dict__.items()
+             if k != "means_cache"}
+    old = sfnn.SparseFFN.__new__(sfnn.SparseFFN)
+    old.__setstate__(state)
+    assert isinstance(old.means_cache, sfnn.BlockMeansCache)
+    _check_current(old.eval(), torch.randn(3, 8), "a layer pickled without a cache")
+    assert len(count_computes) == 1
+
+
+def test_compute_is_the_one_place_means_are_made(x):
+    """A subclass's compute serves every call made with the cache (a block-parallel layer would
+    all-gather there): fills, and calls where the cache may not serve."""
+    class Shifted(sfnn.BlockMeansCache):
+        calls = 0
+
+        def compute(self, keys, key_bias, block_size, backend):
+            Shifted.calls += 1
+            kbar, bbar = super().compute(keys, key_bias, block_size, backend)
+            return kbar, bbar + 1000.0 * (torch.arange(bbar.numel()) == 2)
+
+    ffn = sfnn.SparseFFN(D_MODEL, D_FF, block_size=G, top_k=1).eval()
+    ffn.means_cache = Shifted()
+    with torch.no_grad():
+        ffn(x)
+        ffn(x)
+    assert Shifted.calls == 1
+    with torch.no_grad():
+        kbar, bbar = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=G,
+                                      means_cache=ffn.means_cache)
+    assert sfnn.select_blocks(x, kbar, bbar, 1).unique().tolist() == [2]
+    ffn(x).sum().backward()  # keys in autograd: not served, but computed by the subclass
+    assert Shifted.calls == 2
+
+
 def test_cache_steps_aside_while_a_cuda_graph_is_captured(x, monkeypatch, count_computes):
     """A captured graph must recompute the means on replay (the check runs on the host, so a
     cache hit would bake the old kbar into the graph)."""
