@@ -59,16 +59,15 @@ def measure(name: str, reps: int) -> list[str]:
     rows.append(f"  eval-mode forward (cache hit):          {eval_fwd:.3f} ms")
     rows.append(f"  train-mode forward under no_grad:       {train_nograd_fwd:.3f} ms "
                 f"(recompute = {100 * recompute / train_nograd_fwd:.1f}% of it)")
-    if T > 1:
-        def step():
-            ffn(x).sum().backward()
-        fwd_bwd = median_ms(step, reps)
-        ffn.zero_grad(set_to_none=True)
-        train_fwd = median_ms(lambda: ffn(x), reps)
-        rows.append(f"  training forward (recomputes):          {train_fwd:.3f} ms "
-                    f"(recompute = {100 * recompute / train_fwd:.1f}%)")
-        rows.append(f"  training forward+backward:              {fwd_bwd:.3f} ms "
-                    f"(recompute = {100 * recompute / fwd_bwd:.1f}%)")
+    def step():
+        ffn(x).sum().backward()
+    fwd_bwd = median_ms(step, reps)
+    ffn.zero_grad(set_to_none=True)
+    train_fwd = median_ms(lambda: ffn(x), reps)
+    rows.append(f"  training forward (recomputes):          {train_fwd:.3f} ms "
+                f"(recompute = {100 * recompute / train_fwd:.1f}%)")
+    rows.append(f"  training forward+backward:              {fwd_bwd:.3f} ms "
+                f"(recompute = {100 * recompute / fwd_bwd:.1f}%)")
     return rows
 
 

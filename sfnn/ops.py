@@ -24,7 +24,9 @@ Optional tensors that an op returns are empty tensors when absent (ops cannot re
 Where the registered ops cannot serve, this layer also routes (:func:`transform_route`): under
 forward-mode AD and ``torch.func`` transforms, and for double backward, the layer is computed
 from the torch path's differentiable torch ops (:func:`block_ffn_composite`), and where
-``vmap`` meets another transform, from the dense-masked reference.
+``vmap`` meets another transform, from the dense-masked reference. Called directly, the
+registered ops see no forward-mode tangents (PyTorch gives custom ops zero tangents without
+telling): use the functional API (:mod:`sfnn.functional`), which routes around them.
 """
 from __future__ import annotations
 
