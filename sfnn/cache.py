@@ -62,15 +62,15 @@ def _bump_generation(*_args, **_kwargs) -> None:
 _OPTIMIZER_HOOK = register_optimizer_step_post_hook(_bump_generation)
 
 
-def _cuda_graph_capturing(device: torch.device) -> bool:
-    """True while the current CUDA stream is being captured into a CUDA graph."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _cuda_graph_capturing(t: Tensor) -> bool:
+    """True while ``t`` is a CUDA tensor and the current stream is being captured."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _cacheable(t: Tensor | None) -> bool:
     if t is None:
         return True
-    return type(t) in _PLAIN_TYPES and not t.is_inference() and t.device.type != "meta"
+    return type(t) in _PLAIN_TYPES and not t.is_inference() and not t.is_meta
 
 
 def cache_allowed(keys: Tensor, key_bias: Tensor | None) -> bool:
@@ -82,13 +82,13 @@ def cache_allowed(keys: Tensor, key_bias: Tensor | None) -> bool:
     if torch.is_grad_enabled() and (
             keys.requires_grad or (key_bias is not None and key_bias.requires_grad)):
         return False
-    return not _cuda_graph_capturing(keys.device)
+    return not _cuda_graph_capturing(keys)
 
 
 def _state(t: Tensor | None):
     if t is None:
         return None
-    return (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
+    return (t._version, t.data_ptr(), t.dtype, t.get_device(), t.shape)
 
 
 def fresh_block_means(keys: Tensor, key_bias: Tensor | None, block_size: int,

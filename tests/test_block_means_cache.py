@@ -369,7 +369,7 @@ def test_cache_steps_aside_while_a_cuda_graph_is_captured(x, monkeypatch, count_
     """A captured graph must recompute the means on replay (the check runs on the host, so a
     cache hit would bake the old kbar into the graph)."""
     ffn = sfnn.SparseFFN(D_MODEL, D_FF, block_size=G, top_k=K).eval()
-    monkeypatch.setattr(cache_mod, "_cuda_graph_capturing", lambda device: True)
+    monkeypatch.setattr(cache_mod, "_cuda_graph_capturing", lambda t: True)
     with torch.no_grad():
         ffn(x)
     assert count_computes == [] and not ffn.means_cache.filled
