@@ -46,8 +46,8 @@ def measure(name: str, reps: int) -> list[str]:
     with torch.no_grad():
         recompute = median_ms(lambda: fresh_block_means(keys, kb, g, "torch"), reps)
         cache = sfnn.BlockMeansCache()
-        cache.lookup(keys, kb, g, "torch")
-        hit = median_ms(lambda: cache.lookup(keys, kb, g, "torch"), max(reps, 200)) * 1e3
+        cache._lookup(keys, kb, g, "torch")
+        hit = median_ms(lambda: cache._lookup(keys, kb, g, "torch"), max(reps, 200)) * 1e3
         ffn.eval()
         eval_fwd = median_ms(lambda: ffn(x), reps)
         ffn.train()

@@ -146,11 +146,12 @@ class BlockMeansCache:
         (fills, and calls where it may not serve), so a subclass may override it."""
         return fresh_block_means(keys, key_bias, block_size, backend)
 
-    def lookup(self, keys: Tensor, key_bias: Tensor | None, block_size: int,
-               backend: str) -> tuple[Tensor, Tensor | None]:
+    def _lookup(self, keys: Tensor, key_bias: Tensor | None, block_size: int,
+                backend: str) -> tuple[Tensor, Tensor | None]:
         """``(kbar, bbar)`` for these tables: the cached tensors while valid, else fresh ones
-        (cached when :func:`cache_allowed`). The tensors may be the cache's own: read them, do not
-        write them (:func:`sfnn.block_means` hands out copies)."""
+        (cached when :func:`cache_allowed`). The tensors may be the cache's own, so this is
+        sfnn's internal door (its callers only read them); :func:`sfnn.block_means` with
+        ``means_cache=`` hands out copies."""
         if not cache_allowed(keys, key_bias):
             return self.compute(keys, key_bias, block_size, backend)
         config = (block_size, backend)

@@ -136,7 +136,7 @@ def _means(keys: Tensor, key_bias: Tensor | None, block_size: int, backend: str,
     if ops.functorch_active():
         return torch_path.block_means(keys.detach(), _detach(key_bias), block_size)
     if means_cache is not None:
-        return means_cache.lookup(keys, key_bias, block_size, backend)
+        return means_cache._lookup(keys, key_bias, block_size, backend)
     return fresh_block_means(keys, key_bias, block_size, backend)
 
 

@@ -236,7 +236,7 @@ def test_inference_mode_never_leaks_inference_tensors(x):
     assert ffn.means_cache.filled and not ffn.means_cache._entry.kbar.is_inference()
     xg = x.clone().requires_grad_()
     with torch.no_grad():
-        kbar, bbar = ffn.means_cache.lookup(ffn.key_weight, ffn.key_bias, G, "torch")
+        kbar, bbar = ffn.means_cache._lookup(ffn.key_weight, ffn.key_bias, G, "torch")
     (xg @ kbar.t() + bbar).square().sum().backward()  # autograd accepts the cached means
     assert xg.grad is not None
     for p in (ffn.key_weight, ffn.key_bias):
