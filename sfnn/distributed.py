@@ -75,7 +75,8 @@ def _ensure_step_hook() -> None:
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; torch 2.11
 # (the reference GPU environment) has only the old name.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_all_gather_single = (getattr(dist, "all_gather_single", None)
+                      or getattr(dist, "all_gather_into_tensor", None))
 
 
 class _Comm:
