@@ -9,7 +9,9 @@ rank fails the test with that rank's traceback. Ranks run one intra-op thread ea
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
+import pathlib
 import tempfile
 import time
 
@@ -122,6 +124,39 @@ def test_route_empty():
     assert plan.rows_per_dest.tolist() == [0, 0, 0] == plan.pairs_per_dest.tolist()
 
 
+def _bench_model():
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("sfnn_bench_distributed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_model_rows_match_the_routing():
+    """bench/distributed.py's rows per token (uniform routing) is what route() sends."""
+    bm = _bench_model()
+    n_blocks, world, k, T = 64, 4, 8, 4000
+    g = torch.Generator().manual_seed(0)
+    indices = torch.rand(T, n_blocks, generator=g).argsort(1)[:, :k]  # k distinct, uniform
+    plan = route(indices, n_blocks // world, world)
+    measured = plan.rows_per_dest.sum().item() / T  # the token's own rank included
+    p = bm.owner_probability(n_blocks, world, k)
+    assert abs(measured - world * p) < 0.02 * measured, (measured, world * p)
+    c = bm.layer_costs(d_model=32, block_size=4, top_k=k, n_blocks=n_blocks, world=world,
+                       gpus_per_node=2)
+    assert c["rows_remote"] == pytest.approx((world - 1) * p)
+    assert c["rows_intra"] + c["rows_inter"] == pytest.approx(c["rows_remote"])
+    assert c["pairs_remote"] == pytest.approx(k * (world - 1) / world)
+    assert c["fwd_bytes"] < c["fwd_bytes_no_sharing"]
+    assert bm.owner_probability(8, 4, 7) == 1.0  # 7 blocks cannot avoid a rank holding 2
+
+
+def test_cost_model_table(capsys):
+    assert _bench_model().main(["model"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * 4  # the header, then 3 layers at 8, 16, 32 and 64 GPUs
+
+
 def test_needs_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
@@ -218,10 +253,15 @@ def _grad_edge_cases(rank, world):
     assert_close(x.grad, x_all.grad[:, off:off + TOKENS[rank]], name="dx, frozen weights")
     with torch.no_grad():
         y = layer(xs[rank])
+    assert_close(y, full(x_all)[:, off:off + TOKENS[rank]], name="y under no_grad")
+    # A table gathered under inference_mode, then used in grad mode.
+    layer.refresh()
     with torch.inference_mode():
         y_inf = layer(xs[rank])
     assert torch.equal(y, y_inf)
-    assert_close(y, full(x_all)[:, off:off + TOKENS[rank]], name="y under no_grad")
+    x = xs[rank].clone().requires_grad_()
+    (layer(x) * dys[rank]).sum().backward()
+    assert_close(x.grad, x_all.grad[:, off:off + TOKENS[rank]], name="dx after inference_mode")
 
 
 @pytest.mark.parametrize("world", [2, 4])
