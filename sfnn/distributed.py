@@ -300,6 +300,11 @@ class BlockParallelSparseFFN(nn.Module):
     Every rank must call each forward (and each backward) of the layer together, in the same grad
     mode; a rank with no tokens passes an empty ``(0, d_model)`` input. ``torch.compile`` runs the
     layer eagerly (a graph break around it: its split sizes are data-dependent host values).
+    Beside data parallelism for the rest of the model, leave the layer's parameters to it: DDP
+    through :func:`exclude_from_ddp`, FSDP2 through ``fully_shard(model, ...,
+    ignored_params=set(layer.parameters()))``; both average gradients, so build the layer with
+    ``grad_reduction="mean"``. A ``DeviceMesh`` dimension's group (``mesh.get_group(dim)``) is a
+    process group.
 
     Checkpoints: ``state_dict()`` of a shard holds the shard's rows under the SparseFFN names, the
     whole ``out_bias``, and ``_extra_state`` = ``{"layout", "rank", "world_size", "n_blocks",

@@ -297,10 +297,17 @@ def _table_cache(rank, world):
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(9, D_MODEL, generator=g, dtype=torch.float64)
 
+    selections = []
+
     def check(what):
         full = layer.gather_full()
         with torch.no_grad():
             assert_close(layer(x), full(x), name=f"rank {rank}: {what}")
+        # Every change below moves the selection, so a stale table could not pass.
+        selections.append(sfnn.select_blocks(x, *sfnn.block_means(
+            full.key_weight, full.key_bias, block_size=4, backend="reference"), top_k=3))
+        if len(selections) > 1:
+            assert not torch.equal(selections[-1], selections[-2]), what
 
     check("first call")
     n = len(gathers)
