@@ -598,8 +598,8 @@ class BlockParallelSparseFFN(nn.Module):
         reads them; no other call waits for the device. (This is also why the layer cannot be
         captured in a CUDA graph and runs eagerly under ``torch.compile``.) The same exchange
         carries two flags per rank, so that every rank takes the same decision without a
-        second sync: "my input was invalid" (every rank then raises, the group stays usable)
-        and "my copy of the block-means table is stale".
+        second sync: "my input was invalid, or my selection failed" (every rank then raises,
+        and the group stays usable) and "my copy of the block-means table is stale".
 
         The block means: while the weights take part in autograd (training), every call
         all-gathers the ranks' means (``n_blocks x (d_model + 1)`` float32, no host sync),
@@ -623,10 +623,12 @@ class BlockParallelSparseFFN(nn.Module):
         else:
             table = None
         for _ in range(2):
+            plan = self._empty_plan(device)
             if error is None and table is not None:
-                plan = route(self._select(x2d, table), self.n_local_blocks, self.world_size)
-            else:
-                plan = self._empty_plan(device)
+                try:
+                    plan = route(self._select(x2d, table), self.n_local_blocks, self.world_size)
+                except Exception as err:  # noqa: BLE001 - as for invalid input
+                    error = err
             counts, recv, any_stale = self._exchange_counts(plan, error, table is None, device)
             if not any_stale:
                 break
