@@ -10,6 +10,7 @@ Public API:
     select_blocks   Avg-K selection: (..., top_k) int32 block indices
     block_ffn       the compute over given block indices, with optional per-slot gates
 """
+from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
 from .ops import BACKENDS
