@@ -13,6 +13,7 @@ Public API:
     refresh_block_means  forget cached means after writes the cache cannot see
 """
 from .cache import BlockMeansCache, refresh_block_means
+from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
 from .ops import BACKENDS
