@@ -10,6 +10,8 @@ Every FFN variant has the same number of **active cells per token**, ``active``:
 - a sparse variant ``method-g``: ``sfnn.SparseFFN`` with ``expansion * active`` cells in blocks
   of ``g``, of which ``top_k = active // g`` blocks are computed per token, chosen by
   ``method`` (``avgk``, ``switch``, ``moe``, ``hash``, ``random``; see ``sfnn.SparseFFN``).
+  Switch and MoE weigh their balancing loss by ``aux_coef``; ``sfnn.aux_loss(model)`` is the
+  term the training loop adds (zero for the other methods).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class ModelConfig:
     active: int  # active FFN cells per token
     expansion: int  # total cells of a sparse FFN = expansion * active
     ffn: FFNSpec
+    aux_coef: float = 0.01  # the balancing-loss weight of switch and moe
 
 
 class DenseFFN(nn.Module):
@@ -99,15 +102,11 @@ def make_ffn(cfg: ModelConfig) -> nn.Module:
     spec = cfg.ffn
     if spec.method == "dense":
         return DenseFFN(cfg.d_model, cfg.active)
-    if not _HAS_SELECTION:  # TEMPORARY until issue 10 lands on main
-        if spec.method != "avgk":
-            raise NotImplementedError(f"{spec.method} needs sfnn's selection methods (issue 10)")
-        return _AvgKUsage(cfg.d_model, cfg.expansion * cfg.active, block_size=spec.block_size,
-                          top_k=spec.top_k, activation="gelu")
+    gated = {"balance_loss_weight": cfg.aux_coef} if spec.method in GATED else {}
     return sfnn.SparseFFN(
         cfg.d_model, cfg.expansion * cfg.active, block_size=spec.block_size, top_k=spec.top_k,
         activation="gelu", selection=spec.method, track_usage=True,
-        vocab_size=cfg.vocab_size if spec.method == "hash" else None)
+        vocab_size=cfg.vocab_size if spec.method == "hash" else None, **gated)
 
 
 class Attention(nn.Module):
@@ -184,33 +183,3 @@ def fwd_flops_per_token(cfg: ModelConfig) -> dict[str, int]:
     head = 2 * d * cfg.vocab_size
     return {"ffn": ffn, "total": cfg.n_layers * (attn + ffn) + head}
 
-
-# TEMPORARY until issue 10 (selection methods) lands on main: Avg-K with the usage API.
-import inspect  # noqa: E402
-
-_HAS_SELECTION = "selection" in inspect.signature(sfnn.SparseFFN.__init__).parameters
-
-
-class _AvgKUsage(sfnn.SparseFFN):
-    def forward(self, x, token_ids=None):
-        with torch.no_grad():
-            kbar, bbar = sfnn.block_means(self.key_weight, self.key_bias,
-                                          block_size=self.block_size)
-            idx = sfnn.select_blocks(x.detach(), kbar, bbar, self.top_k)
-            c = torch.bincount(idx.reshape(-1).long(), minlength=self.n_blocks)
-            self._counts = c if getattr(self, "_counts", None) is None else self._counts + c
-        return super().forward(x)
-
-    def aux_loss(self):
-        return torch.zeros(())
-
-    def reset_usage(self):
-        self._counts = None
-
-    def usage_stats(self):
-        c = self._counts.double()
-        p = c / c.sum()
-        ent = -(p[p > 0] * p[p > 0].log()).sum() / math.log(len(c))
-        return {"counts": self._counts, "cv": float(c.std(unbiased=False) / c.mean()),
-                "entropy": float(ent), "dead_fraction": float((c == 0).double().mean()),
-                "max_over_mean": float(c.max() / c.mean())}

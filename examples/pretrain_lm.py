@@ -48,7 +48,7 @@ PRESETS = {
         d_model=32, n_layers=2, n_heads=2, seq_len=32, active=64, expansion=2, block_size=16,
         batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_tokens=256,
         final_eval_tokens=512, vocab_size=320, max_files=40, val_frac=0.2, test_frac=0.2,
-        variants=("dense", "avgk-16", "avgk-32"), amp=False),
+        variants=("dense", "avgk-16", "switch", "moe", "hash", "random"), amp=False),
     "cpu": dict(  # all variants, one seed, <= 30 minutes on two CPU cores
         d_model=128, n_layers=4, n_heads=4, seq_len=128, active=512, expansion=4, block_size=64,
         batch_size=16, steps=400, lr=2e-3, warmup=20, eval_every=50, eval_tokens=16384,
@@ -153,11 +153,6 @@ def autocast(cfg: dict, device):
     return torch.autocast(device.type, enabled=False)
 
 
-def aux_loss(model) -> torch.Tensor:
-    """The balancing losses of the model's sparse FFNs (zero for methods without one)."""
-    return sum((f.aux_loss() for f in model.sparse_ffns()), torch.zeros(()))
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -168,6 +163,19 @@ def loadavg() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except OSError:
         return float("nan")
+
+
+def sfnn_source() -> str:
+    """Where sfnn was imported from, with the git commit when that is a checkout."""
+    import subprocess
+
+    where = Path(sfnn.__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(where), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{where}" + (f" @ {rev}" if rev else "")
 
 
 def loadavg_text() -> str:
@@ -183,7 +191,7 @@ def train_one(variant: str, seed: int, cfg: dict, corpus, device, progress: bool
     mcfg = ModelConfig(vocab_size=corpus.vocab_size, seq_len=cfg["seq_len"],
                        d_model=cfg["d_model"], n_layers=cfg["n_layers"],
                        n_heads=cfg["n_heads"], active=cfg["active"],
-                       expansion=cfg["expansion"], ffn=spec)
+                       expansion=cfg["expansion"], ffn=spec, aux_coef=cfg["aux_coef"])
     torch.manual_seed(seed)
     model = GPT(mcfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -217,10 +225,8 @@ def train_one(variant: str, seed: int, cfg: dict, corpus, device, progress: bool
         with autocast(cfg, device):
             logits = model(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        aux = aux_loss(model).to(loss.device) if aux_coef else None
-        total = loss + aux_coef * aux if aux is not None else loss
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        (loss + sfnn.aux_loss(model).to(loss.device)).backward()  # aux_coef-weighted, or 0
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sync(device)
@@ -432,7 +438,8 @@ def main(argv=None) -> int:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
         "python": platform.python_version(), "torch": torch.__version__,
-        "sfnn": sfnn.__version__, "tokenizer_and_tokens_s": round(data_s, 1),
+        "sfnn": sfnn.__version__, "sfnn_source": sfnn_source(),
+        "tokenizer_and_tokens_s": round(data_s, 1),
         "loadavg_begin": load_begin,
     }
     print(f"corpus {corpus.info['name']} {corpus.info['hash']}: train/val/test tokens "
