@@ -53,7 +53,8 @@ class SparseFFN(nn.Module):
         Routing is dropless: no capacity factor, no token is dropped. ``token_ids`` is ignored
         by every method but hash.
         ``seed`` (hash, random): an int; None draws one from the default generator, so
-        ``torch.manual_seed`` before construction makes the layer reproducible.
+        ``torch.manual_seed`` before construction makes the layer reproducible (the other
+        methods draw nothing, so their initialisation is Avg-K's).
 
     Training with an auxiliary loss: ``loss = task_loss + sfnn.aux_loss(model)`` (the sum of
     every sparse layer's :meth:`aux_loss`, zero for methods without one).
@@ -110,10 +111,10 @@ class SparseFFN(nn.Module):
         self.track_usage = bool(track_usage)
         self.balance_loss_weight = _check_weight("balance_loss_weight", balance_loss_weight)
         self.z_loss_weight = _check_weight("z_loss_weight", z_loss_weight)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())  # the CPU default generator
-        elif isinstance(seed, bool) or not isinstance(seed, int):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        if seed is None and selection in ("hash", "random"):
+            seed = int(torch.randint(0, 2**62, ()).item())  # the CPU default generator
         self.seed = seed
         factory = {"device": device, "dtype": dtype}
         self.key_weight = nn.Parameter(torch.empty(d_ff, d_model, **factory))

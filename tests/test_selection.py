@@ -676,3 +676,77 @@ def test_router_on_a_layer_loaded_without_one():
     rand = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, selection="random")
     with pytest.raises(RuntimeError, match=r"random_seed is kept by selection='random'"):
         avgk.load_state_dict(rand.state_dict())
+
+
+# --------------------------------------------------------------------------- block parallel
+
+def _block_parallel_methods(rank, world):
+    """Every method in BlockParallelSparseFFN against single-device computations of every
+    rank's tokens: outputs, dx, the shards' gradients, the replicated router's all-reduced
+    gradient and each rank's aux loss."""
+    from sfnn.distributed import BlockParallelSparseFFN
+
+    tokens = [5, 0, 7, 3][:world]
+    for method in sfnn.METHODS:
+        torch.manual_seed(0)
+        full = sfnn.SparseFFN(24, 96, block_size=4, top_k=3, selection=method, vocab_size=40,
+                              backend="torch", activation="gelu", z_loss_weight=0.01)
+        layer = BlockParallelSparseFFN.from_sparse_ffn(full)
+        gen = torch.Generator().manual_seed(1)
+        xs = [torch.randn(t, 24, generator=gen) for t in tokens]
+        dys = [torch.randn(t, 24, generator=gen) for t in tokens]
+        ids = [torch.randint(0, 40, (t,), generator=gen) for t in tokens]
+        x = xs[rank].clone().requires_grad_()
+        y = layer(x, token_ids=ids[rank])
+        (y * dys[rank]).sum().backward()
+        loss, want = 0.0, None
+        for r in range(world):
+            xr = xs[r].clone().requires_grad_()
+            if method == "random":
+                seed = call_seed(call_seed(full.random_seed, torch.tensor(1)), r)
+                idx = random_blocks_ref(tokens[r], 24, 3, seed)
+                yr = sfnn.block_ffn(xr, full.key_weight, full.value_weight, idx, block_size=4,
+                                    key_bias=full.key_bias, out_bias=full.out_bias,
+                                    activation="gelu")
+            else:
+                yr = full(xr, token_ids=ids[r])
+            if r == rank:
+                want, x_want, aux_want = yr, xr, full.aux_loss().detach()
+            loss = loss + (yr * dys[r]).sum()
+        loss.backward()
+        assert_close(y, want, name=f"{method} rank {rank}: y")
+        assert_close(x.grad, x_want.grad, name=f"{method} rank {rank}: dx")
+        n = 96 // world
+        for name in ("key_weight", "value_weight", "key_bias"):
+            want_g = getattr(full, name).grad[rank * n:(rank + 1) * n]
+            assert_close(getattr(layer, name).grad, want_g, name=f"{method}: d{name}")
+        assert_close(layer.out_bias.grad, full.out_bias.grad, name=f"{method}: dout_bias")
+        if method in ROUTERS:
+            assert_close(layer.router_weight.grad, full.router_weight.grad,
+                         name=f"{method}: drouter_weight")
+            assert float(layer.aux_loss()) > 0 or tokens[rank] == 0
+            assert_close(layer.aux_loss(), aux_want, name=f"{method}: aux loss")
+        else:
+            assert float(sfnn.aux_loss(layer)) == 0.0
+        back = layer.gather_full()
+        for name in ("router_weight", "hash_table", "random_seed", "random_calls"):
+            mine, theirs = getattr(back, name), getattr(full, name)
+            assert (mine is None) == (theirs is None), name
+            if name == "random_calls" and mine is not None:
+                assert int(mine) == 1
+            elif mine is not None:
+                assert torch.equal(mine, theirs), name
+    # hash without token ids: every rank raises, at once
+    torch.manual_seed(0)
+    layer = BlockParallelSparseFFN(24, 96, block_size=4, top_k=3, selection="hash",
+                                   vocab_size=40)
+    with pytest.raises(ValueError if rank == 0 else RuntimeError,
+                       match="token_ids=ids" if rank == 0 else r"rank\(s\) \[0\]"):
+        layer(torch.randn(3, 24), token_ids=None if rank == 0 else torch.zeros(3).long())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_block_parallel_every_method(world):
+    from test_distributed import launch
+
+    launch(world, _block_parallel_methods)
