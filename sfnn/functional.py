@@ -4,6 +4,10 @@ Shapes: ``x`` is (..., d_model) with any number of leading dims (flattened to T 
 ``keys`` and ``values`` are (d_ff, d_model) (``values`` is ``fc2.weight.T``); ``key_bias`` is
 (d_ff,); ``out_bias`` is (d_model,); block ``b`` holds cells ``[b*g, (b+1)*g)``.
 
+Selection: :func:`sparse_ffn` takes ``selection=`` (``"avgk"``, ``"switch"``, ``"moe"``,
+``"hash"``, ``"random"``; decided in :mod:`sfnn.selection`) and returns the
+:class:`sfnn.Selection` (indices, gates, aux loss) on request.
+
 Block means are recomputed on every call unless the caller passes a
 :class:`~sfnn.cache.BlockMeansCache` it owns (``SparseFFN`` passes its own in eval mode).
 Under forward-mode AD and ``torch.func`` transforms the layer is computed from differentiable

@@ -372,6 +372,17 @@ def test_usage_counts_equal_a_bincount_of_the_chosen_blocks(method):
         ffn.usage_stats()
 
 
+def test_random_stream_and_usage_under_inference_mode():
+    """The call counter and the usage counts are updated in place under inference_mode too, and
+    the layer keeps working outside it."""
+    ffn = sfnn.SparseFFN(16, 64, block_size=8, top_k=2, selection="random", track_usage=True,
+                         seed=1)
+    with torch.inference_mode():
+        ffn(torch.randn(3, 16))
+    ffn(torch.randn(4, 16)).sum().backward()
+    assert int(ffn.random_calls) == 2 and int(ffn.usage_counts.sum()) == 14
+
+
 def test_usage_summary_values():
     s = usage_summary(torch.tensor([4, 0, 2, 2]))
     assert s["total"] == 8
@@ -750,3 +761,35 @@ def test_block_parallel_every_method(world):
     from test_distributed import launch
 
     launch(world, _block_parallel_methods)
+
+
+# --------------------------------------------------------------------------- benchmark hooks
+
+def test_selection_providers_run_in_the_sweep():
+    """bench/sweeplib registers each method as a provider; each builds and runs a tiny case in
+    every mode (the sweep times them at the acceptance shape)."""
+    import importlib
+    import pathlib
+    import sys
+
+    bench = str(pathlib.Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        cases = importlib.import_module("sweeplib.cases")
+        providers = importlib.import_module("sweeplib.providers")
+    finally:
+        sys.path.remove(bench)
+    assert set(sfnn.METHODS) - {"avgk"} <= set(providers.PROVIDERS)
+    selection_cases = [c for c in cases.preset_default("cpu") if c.tag == "selection"]
+    assert {c.mode for c in selection_cases} == {"forward", "forward+backward"}
+    for c in selection_cases:
+        assert (c.tokens, c.d_model, c.d_ff, c.block_size, c.top_k, c.dtype) == (
+            4096, 512, 8192, 64, 16, "float32")
+    for mode in ("forward", "forward+backward", "decode"):
+        case = cases.Case(8, 16, 64, 8, 2, mode, providers=cases.SELECTION_PROVIDERS)
+        case.validate()
+        pb = providers.Problem(case, "cpu")
+        for name in cases.SELECTION_PROVIDERS:
+            run, y0 = providers.make_runner(name, pb)
+            run()
+            assert y0.shape == (8, 16) and torch.isfinite(y0).all(), (name, mode)
