@@ -9,10 +9,13 @@ every variant alike:
 - the selection step alone (``sfnn.selection.select``: Avg-K's block means and fused top-k, the
   router's logits, softmax, top-k and balancing loss, the hash lookup, the random draws).
 
-It prints medians (ms) and each method's overhead relative to Avg-K. Timings on a shared CPU
-are noisy: the load average is printed with the table. Usage:
+It prints medians (ms) and each method's overhead relative to Avg-K. Wall-clock timings on a
+shared CPU are noisy (the load average is printed with the table); ``--clock cpu`` measures the
+process's CPU time instead (with ``--threads 1`` that is the work itself, which other
+processes' load disturbs far less than the wall clock). Usage:
 
     python bench/selection_cost.py [--tokens 4096] [--rounds 9] [--device cpu] [--threads N]
+                                   [--clock wall|cpu]
 """
 from __future__ import annotations
 
@@ -110,14 +113,15 @@ def measure(args) -> dict:
         lambda _: selection_lib.accumulate_usage(counts, chosen), None)
     for fn, layer in jobs.values():  # warm up
         fn(layer)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = {k: [] for k in jobs}
     for _ in range(args.rounds):
         for key, (fn, layer) in jobs.items():
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(layer)
             _sync(args.device)
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     return times
 
 
@@ -126,7 +130,8 @@ def table(times: dict, args) -> str:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lines = [f"T={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, g={args.block_size}, "
              f"top_k={args.top_k}, fp32, gelu, backend={args.backend} on {args.device}, "
-             f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians; "
+             f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians of "
+             f"{'CPU' if args.clock == 'cpu' else 'wall-clock'} time; "
              f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
              "",
              "| variant | " + " | ".join(f"{m} ms (vs avgk)" for m in modes) + " |",
@@ -147,8 +152,8 @@ def table(times: dict, args) -> str:
     usage = med[("usage update", "alone")]
     lines += ["", f"usage update alone (index_add_ of T*top_k = {args.tokens * args.top_k} "
                   f"ones into {args.d_ff // args.block_size} int64 counts): {usage:.3f} ms = "
-                  f"{usage / med[('avgk', 'forward')] * 100:.2f}% of the avgk forward, "
-                  f"{usage / med[('avgk', 'forward+backward')] * 100:.2f}% of forward+backward"]
+                  f"{usage / med[('avgk', 'forward')] * 100:.3f}% of the avgk forward, "
+                  f"{usage / med[('avgk', 'forward+backward')] * 100:.3f}% of forward+backward"]
     return "\n".join(lines)
 
 
@@ -164,6 +169,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="torch")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall-clock time, or the process's CPU time (CPU device only)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
