@@ -9,12 +9,15 @@ Public API:
     block_means     kbar/bbar, the per-block mean keys (cached while weights are unchanged)
     select_blocks   Avg-K selection: (..., top_k) int32 block indices
     block_ffn       the compute over given block indices, with optional per-slot gates
+    convert         swap a Hugging Face model's dense FFNs for Avg-K sparse FFNs
+    Calibration     what ``convert`` fits on calibration inputs (``sfnn.conversion`` has the rest)
 """
+from .conversion import Calibration, ConvertedFFN, convert
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
 from .ops import BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn", "BACKENDS",
-           "__version__"]
+__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn", "convert",
+           "Calibration", "ConvertedFFN", "BACKENDS", "__version__"]
