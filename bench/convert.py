@@ -93,8 +93,14 @@ def load_minilm():
 
 
 def batches(tok, sentences: list[str], size: int = 64) -> list[dict]:
+    """Tokenised batches of ``size`` sentences, in the order given (padding to each batch's
+    longest sentence; sort by length first to keep padding small)."""
     return [dict(tok(sentences[i:i + size], padding=True, truncation=True, max_length=128,
                      return_tensors="pt")) for i in range(0, len(sentences), size)]
+
+
+def by_length(tok, sentences: list[str]) -> list[str]:
+    return sorted(sentences, key=lambda s: (len(tok(s)["input_ids"]), s))
 
 
 @torch.no_grad()
@@ -120,58 +126,103 @@ def metrics(e: torch.Tensor, ref: torch.Tensor) -> dict:
                 nn_agree=float((nn_of(e) == nn_of(ref)).float().mean()))
 
 
-def build(base, variant: str, g: int, density: float, cal: list[dict], distill_steps: int):
-    """A converted copy of ``base`` for one variant; returns (model, report, seconds)."""
-    model = copy.deepcopy(base)
-    t0 = time.perf_counter()
-    clustered = variant != "raw"
-    calib = None
-    if variant in ("scores", "comp", "scores+comp", "scores+comp+distill", "scores+comp+alloc",
-                   "all", "oracle+comp"):
-        calib = C.Calibration(
-            cal, scores="scores" in variant or variant == "all",
-            compensation=True if variant != "scores" else False,
-            distill_steps=distill_steps if variant in ("scores+comp+distill", "all") else 0,
-            allocate=variant in ("scores+comp+alloc", "all"))
-    report = C.convert(model, block_size=g, density=density, cluster=clustered,
-                       calibration=calib, progress=False)
-    ffns = [m for m in model.modules() if isinstance(m, C.ConvertedFFN)]
-    if variant == "comp-naive":
-        for f in ffns:  # sequentially, each on the inputs it sees after the earlier layers
-            x = C._capture(model, f, cal)
-            f.set_compensation(C.fit_compensation(f, x, trim=0.0, conditional=False))
-    if variant.startswith("oracle"):
-        for f in ffns:
-            f.selection = "oracle"
-    return model, report, time.perf_counter() - t0
+def _eval_row(model, report, ev, ref, density, g, variant, secs) -> dict:
+    m = metrics(embed(model, ev), ref)
+    ks = [f.top_k for f in model.modules() if isinstance(f, C.ConvertedFFN)]
+    row = dict(density=density, block_size=g, variant=variant,
+               top_k="/".join(map(str, ks)) if len(set(ks)) > 1 else str(ks[0]),
+               **{k: round(v, 4) for k, v in m.items()}, convert_s=round(secs, 1),
+               extra_cost=EXTRA_COST[variant])
+    print(f"density {density:<5} g {g:<3} {variant:<20} cos {m['cos_mean']:.4f} "
+          f"p5 {m['cos_p5']:.4f} nn {m['nn_agree']:.3f}  top_k {row['top_k']}  ({secs:.1f} s)",
+          flush=True)
+    return row
+
+
+def _sequential_comp(model, cal, **kw) -> None:
+    """Fit each layer's compensation in turn, on the inputs it sees after the earlier layers."""
+    for f in [m for m in model.modules() if isinstance(m, C.ConvertedFFN)]:
+        f.set_compensation(C.fit_compensation(f, C._capture(model, f, cal), **kw))
+
+
+def run_config(base, density: float, g: int, variants, cal, ev, ref, distill_steps: int):
+    """Every requested variant at one (density, g). Variants that extend another reuse it:
+    ``scores+comp+distill`` distils a copy of ``scores+comp``, ``all`` one of
+    ``scores+comp+alloc``."""
+    rows, made = [], {}
+
+    def convert(variant, *, cluster=True, calib=None, start=None, then=None):
+        t0 = time.perf_counter()
+        if start is not None:
+            model, report = copy.deepcopy(made[start][0]), made[start][1]
+            secs0 = made[start][2]
+        else:
+            model = copy.deepcopy(base)
+            report = C.convert(model, block_size=g, density=density, cluster=cluster,
+                               calibration=calib, progress=False)
+            secs0 = 0.0
+        if then is not None:
+            then(model)
+        secs = secs0 + time.perf_counter() - t0
+        made[variant] = (model, report, secs)
+        if variant in variants:
+            rows.append(_eval_row(model, report, ev, ref, density, g, variant, secs))
+
+    def needs(*names):
+        return any(n in variants for n in names)
+
+    def oracle(model):
+        for f in model.modules():
+            if isinstance(f, C.ConvertedFFN):
+                f.selection = "oracle"
+
+    def distill(model):
+        ffns = [f for f in model.modules() if isinstance(f, C.ConvertedFFN)]
+        C._distill(model, ffns, C.Calibration(cal, distill_steps=distill_steps, lr=1e-4), False)
+
+    if needs("raw"):
+        convert("raw", cluster=False)
+    if needs("clustered", "comp-naive", "oracle", "oracle+comp"):
+        convert("clustered")
+    if needs("comp-naive"):
+        convert("comp-naive", start="clustered",
+                then=lambda m: _sequential_comp(m, cal, trim=0.0, conditional=False))
+    if needs("scores"):
+        convert("scores", calib=C.Calibration(cal, compensation=False))
+    if needs("comp"):
+        convert("comp", calib=C.Calibration(cal, scores=False))
+    if needs("scores+comp", "scores+comp+distill"):
+        convert("scores+comp", calib=C.Calibration(cal))
+    if needs("scores+comp+distill"):
+        convert("scores+comp+distill", start="scores+comp", then=distill)
+    if needs("scores+comp+alloc", "all"):
+        convert("scores+comp+alloc", calib=C.Calibration(cal, allocate=True))
+    if needs("all"):
+        convert("all", start="scores+comp+alloc", then=distill)
+    if needs("oracle"):
+        convert("oracle", start="clustered", then=oracle)
+    if needs("oracle+comp"):
+        convert("oracle+comp", start="clustered",
+                then=lambda m: (oracle(m), _sequential_comp(m, cal)))
+    return rows
 
 
 def run(args) -> list[dict]:
     torch.manual_seed(0)
     tok, base = load_minilm()
     cal_s, ev_s = split(load_sentences(), args.n_cal)
-    cal, ev = batches(tok, cal_s), batches(tok, ev_s)
+    cal, ev = batches(tok, by_length(tok, cal_s)), batches(tok, by_length(tok, ev_s))
     ref = embed(base, ev)
     rows = []
     for density in args.densities:
+        variants = args.variants if density in args.full_densities else args.basic_variants
         for g in args.block_sizes:
-            for variant in args.variants:
-                model, report, secs = build(base, variant, g, density, cal, args.distill_steps)
-                m = metrics(embed(model, ev), ref)
-                ks = sorted({r["top_k"] for r in report.layers})
-                row = dict(density=density, block_size=g, variant=variant,
-                           top_k="/".join(str(r["top_k"]) for r in report.layers)
-                           if len(ks) > 1 else str(ks[0]),
-                           **{k: round(v, 4) for k, v in m.items()},
-                           convert_s=round(secs, 1), extra_cost=EXTRA_COST[variant])
-                rows.append(row)
-                print(f"density {density:<5} g {g:<3} {variant:<20} cos {m['cos_mean']:.4f} "
-                      f"p5 {m['cos_p5']:.4f} nn {m['nn_agree']:.3f}  top_k {row['top_k']}  "
-                      f"({secs:.1f} s)", flush=True)
+            rows += run_config(base, density, g, variants, cal, ev, ref, args.distill_steps)
+            write(rows, args, quiet=True)  # what is done so far survives an interruption
     return rows
 
 
-def write(rows: list[dict], args) -> None:
+def write(rows: list[dict], args, quiet: bool = False) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "convert.csv").open("w", newline="") as fh:
@@ -190,7 +241,8 @@ def write(rows: list[dict], args) -> None:
                      f"{r['cos_mean']:.3f} | {r['cos_p5']:.3f} | {r['nn_agree']:.3f} | "
                      f"{r['extra_cost']} |")
     (out / "convert.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 def _loadavg() -> str:
@@ -207,14 +259,39 @@ def main(argv=None) -> None:
                    default=[0.75, 0.5, 0.25])
     p.add_argument("--block-sizes", type=lambda s: [int(v) for v in s.split(",")],
                    default=[8, 32])
-    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
-    p.add_argument("--n-cal", type=int, default=384)
-    p.add_argument("--distill-steps", type=int, default=60)
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                   help="at the --full-densities")
+    p.add_argument("--full-densities", type=lambda s: [float(v) for v in s.split(",")],
+                   default=[0.5])
+    p.add_argument("--basic-variants", type=lambda s: s.split(","),
+                   default=["raw", "clustered", "scores+comp", "oracle"],
+                   help="at the other densities")
+    p.add_argument("--n-cal", type=int, default=256)
+    p.add_argument("--distill-steps", type=int, default=16)
+    p.add_argument("--combine", nargs="+", metavar="DIR",
+                   help="instead of running: merge the convert.csv of earlier runs into --out")
     args = p.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants + args.basic_variants if v not in VARIANTS]
     if bad:
         p.error(f"unknown variants {bad}; choose from {VARIANTS}")
-    write(run(args), args)
+    if args.combine:
+        write(combine(args.combine), args)
+    else:
+        write(run(args), args)
+
+
+def combine(dirs) -> list[dict]:
+    """The rows of several runs (e.g. configurations run side by side), in table order."""
+    rows = []
+    for d in dirs:
+        with (Path(d) / "convert.csv").open() as fh:
+            rows += list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("density", "cos_mean", "cos_p5", "nn_agree", "convert_s"):
+            r[k] = float(r[k])
+        r["block_size"] = int(r["block_size"])
+    return sorted(rows, key=lambda r: (-r["density"], r["block_size"],
+                                       VARIANTS.index(r["variant"])))
 
 
 if __name__ == "__main__":

@@ -224,17 +224,15 @@ def test_clustering_permutes_keys_biases_and_values_together():
 
 
 # ------------------------------------------------------------------ calibration pieces
-def test_block_gain_matches_explicit_contributions():
+def test_block_weight_matches_explicit_contributions():
     ffn = ConvertedFFN(12, 24, block_size=4, top_k=2, activation="gelu")
     x = torch.randn(9, 12)
     comp = torch.randn(6, 12)
     h = C._cell_acts(ffn, x)
     c = (h.view(9, 6, 4, 1) * ffn.value_weight.detach().view(1, 6, 4, 12)).sum(2)  # [T, nb, d]
     for m in (None, comp):
-        d = c - (0 if m is None else m)
-        e = d.sum(1, keepdim=True)
-        want = (e ** 2).sum(-1) - ((e - d) ** 2).sum(-1)
-        torch.testing.assert_close(C._block_gain(ffn, h, m), want, atol=1e-4, rtol=1e-4)
+        want = (c - (0 if m is None else m)).norm(dim=-1)
+        torch.testing.assert_close(C._block_weight(ffn, h, m), want, atol=1e-4, rtol=1e-4)
 
 
 def test_fit_compensation_is_the_conditional_winsorised_mean():
@@ -253,12 +251,13 @@ def test_fit_compensation_is_the_conditional_winsorised_mean():
     naive = (h.mean(0).view(4, 4, 1) * v.view(4, 4, 8)).sum(1)
     torch.testing.assert_close(C.fit_compensation(ffn, x, trim=0.0, conditional=False), naive,
                                atol=1e-5, rtol=1e-5)
-    # winsorising bounds the table by the clipped activations
-    hi = torch.sort(h, 0).values[int(0.8 * 49) + 1]
-    clipped = torch.minimum(h, hi).mean(0)
+    # winsorised: each cell's activations clipped to its [0.2, 0.8] quantiles first
+    hs = torch.sort(h, 0).values
+    clipped = torch.minimum(torch.maximum(h, hs[9]), hs[40]).mean(0)  # 0.2*49 -> 9, 0.8*49 -> 40
     trimmed = C.fit_compensation(ffn, x, trim=0.2, conditional=False)
+    torch.testing.assert_close(trimmed, (clipped.view(4, 4, 1) * v.view(4, 4, 8)).sum(1),
+                               atol=1e-5, rtol=1e-5)
     assert not torch.allclose(trimmed, naive)
-    assert (clipped <= h.mean(0) + 1e-6).all()
 
 
 def test_scores_table_runs_through_select_blocks_and_oracle_beats_mean_keys():
@@ -278,7 +277,7 @@ def test_scores_table_runs_through_select_blocks_and_oracle_beats_mean_keys():
         with torch.no_grad():
             y = f(x[300:])
             dense = C._dense_ffn(f, x[300:])
-        return float(((y - dense) ** 2).sum() / ((dense - f.out_bias) ** 2).sum())
+        return float(((y - dense) ** 2).sum() / ((dense - f.out_bias.detach()) ** 2).sum())
 
     mean_keys, fitted, oracle = err(False), err(True), err(False, "oracle")
     assert oracle < fitted < mean_keys
