@@ -13,6 +13,7 @@ Public API:
     Calibration     what ``convert`` fits on calibration inputs (``sfnn.conversion`` has the rest)
 """
 from .conversion import Calibration, ConvertedFFN, convert
+from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
 from .ops import BACKENDS
