@@ -290,8 +290,9 @@ def combine(dirs) -> list[dict]:
         for k in ("density", "cos_mean", "cos_p5", "nn_agree", "convert_s"):
             r[k] = float(r[k])
         r["block_size"] = int(r["block_size"])
-    return sorted(rows, key=lambda r: (-r["density"], r["block_size"],
-                                       VARIANTS.index(r["variant"])))
+    latest = {(r["density"], r["block_size"], r["variant"]): r for r in rows}  # later dirs win
+    return sorted(latest.values(), key=lambda r: (-r["density"], r["block_size"],
+                                                  VARIANTS.index(r["variant"])))
 
 
 if __name__ == "__main__":

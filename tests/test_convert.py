@@ -436,9 +436,10 @@ def test_minilm_real_model():
     sys.modules["bench_convert"] = bc
     spec.loader.exec_module(bc)
     tok, dense = bc.load_minilm()
-    cal_s, ev_s = bc.split(bc.load_sentences(), 384)
-    assert not set(cal_s) & set(ev_s) and len(cal_s) == 384 and len(ev_s) >= 380
-    cal, ev = bc.batches(tok, cal_s[:192]), bc.batches(tok, ev_s[:192])
+    cal_s, ev_s = bc.split(bc.load_sentences(), 256)
+    assert not set(cal_s) & set(ev_s) and len(cal_s) == 256 and len(ev_s) >= 500
+    cal = bc.batches(tok, bc.by_length(tok, cal_s[:128]))
+    ev = bc.batches(tok, bc.by_length(tok, ev_s[:128]))
     ref = bc.embed(dense, ev)
 
     exact = copy.deepcopy(dense)
@@ -450,5 +451,6 @@ def test_minilm_real_model():
         model = copy.deepcopy(dense)
         sfnn.convert(model, block_size=32, density=0.5, calibration=calib, progress=False)
         cos[name] = bc.metrics(bc.embed(model, ev), ref)["cos_mean"]
-    assert cos["calibrated"] > cos["clustered"] + 0.03, cos
-    assert cos["calibrated"] > 0.9, cos
+    # bench/convert.py, 256 calibration sentences: clustered 0.81, scores + compensation 0.91
+    assert cos["calibrated"] > cos["clustered"] + 0.05, cos
+    assert cos["calibrated"] > 0.87, cos
