@@ -162,7 +162,10 @@ def test_gpt2_generate_unchanged_at_full_density():
     prompt = ids(3, batch=1, length=5)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, **kw), dense.generate(prompt, **kw))
-    sfnn.convert(copy.deepcopy(dense), block_size=8, top_k=3, progress=False)
+    sparse = copy.deepcopy(dense)
+    sfnn.convert(sparse, block_size=8, top_k=3, progress=False)
+    out = sparse.generate(prompt, **kw)  # decoding one token at a time through the sparse FFNs
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
 
 
 def test_gpt2_tanh_gelu_needs_an_explicit_activation():
