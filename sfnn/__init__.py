@@ -6,12 +6,15 @@ product with the block's mean key, keeps the ``top_k`` best blocks and computes 
 Public API:
     sparse_ffn      the whole layer, functional form
     SparseFFN       the nn.Module (``from_dense`` converts two nn.Linear)
-    block_means     kbar/bbar, the per-block mean keys (cached while weights are unchanged)
+    block_means     kbar/bbar, the per-block mean keys
     select_blocks   Avg-K selection: (..., top_k) int32 block indices
     block_ffn       the compute over given block indices, with optional per-slot gates
+    BlockMeansCache a layer's cached block means (SparseFFN.means_cache), for decoding
+    refresh_block_means  forget cached means after writes the cache cannot see
     convert         swap a Hugging Face model's dense FFNs for Avg-K sparse FFNs
     Calibration     what ``convert`` fits on calibration inputs (``sfnn.conversion`` has the rest)
 """
+from .cache import BlockMeansCache, refresh_block_means
 from .conversion import Calibration, ConvertedFFN, convert
 from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
@@ -20,5 +23,6 @@ from .ops import BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn", "convert",
-           "Calibration", "ConvertedFFN", "BACKENDS", "__version__"]
+__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn",
+           "BlockMeansCache", "refresh_block_means", "convert", "Calibration", "ConvertedFFN",
+           "BACKENDS", "__version__"]

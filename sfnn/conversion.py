@@ -167,7 +167,8 @@ class ConvertedFFN(SparseFFN):
             return _oracle_indices(self, x2d)
         if self.score_weight is not None:
             return select_blocks(x2d, self.score_weight, self.score_bias, self.top_k)
-        kbar, bbar = block_means(self.key_weight, self.key_bias, block_size=self.block_size)
+        kbar, bbar = block_means(self.key_weight, self.key_bias, block_size=self.block_size,
+                                 means_cache=self._serving_cache())
         return select_blocks(x2d, kbar, bbar, self.top_k)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -518,14 +518,15 @@ class BlockParallelSparseFFN(nn.Module):
             for p in (self.key_weight, self.value_weight, self.key_bias))
 
     def _gather_table(self) -> tuple[Tensor, Tensor | None]:
-        """Every block's (kbar, bbar), float32: the local means all-gathered in rank order."""
+        """Every block's (kbar, bbar), float32 (float64 for float64 keys, as block_means gives):
+        the local means all-gathered in rank order."""
         kb = self.key_bias
         # Fresh aliases: the layer decides when means are recomputed, so the functional cache
         # (keyed by tensor, which may predate a write it cannot see) is never consulted here.
         kbar, bbar = block_means(self.key_weight.detach(), None if kb is None else kb.detach(),
                                  block_size=self.block_size, backend=self.backend)
         local = kbar if bbar is None else torch.cat([kbar, bbar[:, None]], 1)
-        full = self._comm.all_gather(local.float(), "all-gather of the block means")
+        full = self._comm.all_gather(local, "all-gather of the block means")
         table = (full[:, :self.d_model], None if bbar is None else full[:, self.d_model])
         self._table, self._table_stamp = table, self._stamp()
         return table

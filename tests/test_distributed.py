@@ -640,19 +640,10 @@ def _data_parallel(rank, world, wrapper, opt_kind, variant):
                      name=f"rank {rank}: output after training")
 
 
-# Fails on main at 4de209b with a parameter mismatch of 0.3 (stale means: with
-# backend="reference", which keeps no cache, the same run passes); strict, so the marker must go
-# when issue 16's cache lands.
-ISSUE16 = pytest.mark.xfail(
-    strict=True, raises=mp.ProcessRaisedException,
-    reason="issue 16: the functional block-means cache misses fused optimizer steps (they move no "
-           "version counter); the oplayer helper is redesigning it")
-
-
 @pytest.mark.parametrize("wrapper,opt_kind,variant", [
     ("ddp", "sgd", "plain"),
     ("ddp", "adam", "plain"),
-    pytest.param("ddp", "fused", "plain", marks=ISSUE16),
+    ("ddp", "fused", "plain"),  # failed at 4de209b: the old cache missed fused steps
     ("ddp", "sgd", "warm-cache"),
     ("ddp", "adam", "compile"),
     ("fsdp2", "sgd", "plain"),
