@@ -16,8 +16,11 @@ Public API:
     balanced_hash_table  HashLayer's balanced map from token id to blocks
     BlockMeansCache a layer's cached block means (SparseFFN.means_cache), for decoding
     refresh_block_means  forget cached means after writes the cache cannot see
+    convert         swap a Hugging Face model's dense FFNs for Avg-K sparse FFNs
+    Calibration     what ``convert`` fits on calibration inputs (``sfnn.conversion`` has the rest)
 """
 from .cache import BlockMeansCache, refresh_block_means
+from .conversion import Calibration, ConvertedFFN, convert
 from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN, aux_loss
@@ -27,5 +30,5 @@ from .selection import METHODS, Selection, balanced_hash_table
 __version__ = "0.1.0"
 
 __all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn",
-           "BlockMeansCache", "refresh_block_means", "BACKENDS", "METHODS", "Selection",
-           "aux_loss", "balanced_hash_table", "__version__"]
+           "BlockMeansCache", "refresh_block_means", "convert", "Calibration", "ConvertedFFN",
+           "BACKENDS", "METHODS", "Selection", "aux_loss", "balanced_hash_table", "__version__"]
