@@ -1,7 +1,7 @@
 """The paper's experiment with sfnn: pretrain small GPT-style LMs whose FFNs are dense, Avg-K,
 Switch, top-k MoE, HashLayer or random, all at the same number of active cells per token.
 
-    python examples/pretrain_lm.py --preset cpu --seeds 0 1 2 --jobs 3  # <= 60 min, 2 cores
+    python examples/pretrain_lm.py --preset cpu --seeds 0 1 2 --jobs 4  # ~1 h, 2 cores
     python examples/pretrain_lm.py --preset gpu                         # minutes on one H200
     python examples/pretrain_lm.py --preset cpu --variants dense avgk-16 avgk-64 switch
 
@@ -49,11 +49,11 @@ PRESETS = {
         batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_tokens=256,
         final_eval_tokens=512, vocab_size=320, max_files=40, val_frac=0.2, test_frac=0.2,
         variants=("dense", "avgk-16", "switch", "moe", "hash", "random"), amp=False),
-    # all variants x 3 seeds in <= 60 minutes on two shared CPU cores (--jobs 3); 150 steps
-    # (307k training tokens): shrunk from 400 to fit that budget on a loaded machine
+    # all variants x 3 seeds in about an hour on two CPU cores shared with other work
+    # (--jobs 4); 120 steps (246k training tokens): shrunk from 400 to fit that budget
     "cpu": dict(
         d_model=128, n_layers=4, n_heads=4, seq_len=128, active=512, expansion=4, block_size=64,
-        batch_size=16, steps=150, lr=2e-3, warmup=15, eval_every=25, eval_tokens=8192,
+        batch_size=16, steps=120, lr=2e-3, warmup=12, eval_every=20, eval_tokens=8192,
         final_eval_tokens=32768, vocab_size=4096, max_files=None, val_frac=0.05,
         test_frac=0.05,
         variants=("dense", "avgk-16", "avgk-64", "switch", "moe", "hash", "random"), amp=False),
