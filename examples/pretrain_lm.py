@@ -88,6 +88,9 @@ def parse_args(argv=None):
                    help="torch threads per run (default: torch's own, or cores // jobs)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --out that have the same config, run the rest")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite results.md and val_loss.png from --out's runs "
+                   "(those with this config), keeping its meta.json")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p.parse_args(argv)
 
@@ -432,11 +435,11 @@ def main(argv=None) -> int:
     cfg = {"preset": args.preset, **cfg}
     fp = fingerprint({k: v for k, v in cfg.items() if k != "variants"}, corpus.info)
 
-    rows = [r for r in read_csv(out / "runs.csv") if r.get("config") == fp] if args.resume \
-        else []
+    keep = args.resume or args.report_only
+    rows = [r for r in read_csv(out / "runs.csv") if r.get("config") == fp] if keep else []
     done = {(r["variant"], int(r["seed"])) for r in rows}
     curves = [c for c in read_csv(out / "curves.csv")
-              if (c["variant"], int(c["seed"])) in done] if args.resume else []
+              if (c["variant"], int(c["seed"])) in done] if keep else []
     meta = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if argv is None
         else " ".join(["pretrain_lm.py", *argv]),
@@ -459,9 +462,10 @@ def main(argv=None) -> int:
         rows.sort(key=lambda r: (int(r["seed"]), rank.get(r["variant"], len(rank))))
         write_csv(out / "runs.csv", rows)
         write_csv(out / "curves.csv", curves)
-        meta["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-        meta["loadavg_end"] = loadavg_text()
-        (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if not args.report_only:
+            meta["total_wall_s"] = round(time.perf_counter() - t_start, 1)
+            meta["loadavg_end"] = loadavg_text()
+            (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         if rows:
             (out / "results.md").write_text(markdown_table(rows, cfg, meta))
             plot(curves, out / "val_loss.png",
@@ -481,10 +485,17 @@ def main(argv=None) -> int:
 
     todo = [(v, seed) for seed in args.seeds for v in variants
             if (parse_variant(v, active=cfg["active"], block_size=cfg["block_size"]).name, seed)
-            not in done]
+            not in done and not args.report_only]
+    if args.report_only:
+        if not rows:
+            raise SystemExit(f"--report-only: no runs of this config in {out / 'runs.csv'}")
+        if (out / "meta.json").exists():  # the training run's machine, jobs, load, command
+            meta = json.loads((out / "meta.json").read_text())
     threads = args.threads or (max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1
                                else None)
-    meta.update(variants=variants, jobs=args.jobs, threads=threads or torch.get_num_threads())
+    if not args.report_only:
+        meta.update(variants=variants, jobs=args.jobs,
+                    threads=threads or torch.get_num_threads())
     if args.jobs == 1:
         if threads:
             torch.set_num_threads(threads)

@@ -134,3 +134,16 @@ def pretrain_tiny_files(files):
 def test_bad_variant_names_fail_before_training(pretrain, tmp_path, bad):
     with pytest.raises(ValueError, match="variant"):
         pretrain.main(["--preset", "tiny", "--variants", bad, "--out", str(tmp_path)])
+
+
+def test_report_only_trains_nothing_and_rewrites_the_table(pretrain, tiny_run, tmp_path):
+    out, args = tiny_run
+    runs, meta = (out / "runs.csv").read_text(), (out / "meta.json").read_text()
+    (out / "results.md").unlink()
+    assert pretrain.main([*args, "--seeds", "0", "1", "2", "--report-only"]) == 0  # seed 2: none
+    assert (out / "runs.csv").read_text() == runs  # nothing trained, seed 2 not run
+    assert (out / "meta.json").read_text() == meta  # the training run's meta is kept
+    assert "± " in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no runs"):
+        pretrain.main(["--preset", "tiny", "--report-only", "--out", str(tmp_path),
+                       "--cache-dir", str(out / "cache")])
