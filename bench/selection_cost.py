@@ -15,13 +15,20 @@ process's CPU time instead (with ``--threads 1`` that is the work itself, which 
 processes' load disturbs far less than the wall clock). Usage:
 
     python bench/selection_cost.py [--tokens 4096] [--rounds 9] [--device cpu] [--threads N]
-                                   [--clock wall|cpu]
+                                   [--clock wall|cpu] [--out FILE.md]
+
+``--out`` also writes the table, headed by the date, the machine, the versions, the sfnn commit
+and the command line, to a markdown file (committed under ``bench/results/<machine>/selection/``).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -157,6 +164,30 @@ def table(times: dict, args) -> str:
     return "\n".join(lines)
 
 
+def provenance(args) -> str:
+    """Where and when: date, machine, versions, sfnn commit, OMP wait policy, command line."""
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else \
+        f"{cpu} ({os.cpu_count()} logical cores)"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# Selection cost beside Avg-K (bench/selection_cost.py)\n\n"
+            f"{now}; {device}; python {platform.python_version()}, torch {torch.__version__}; "
+            f"sfnn {commit or 'unknown'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+            f"\n\n`python bench/selection_cost.py {' '.join(sys.argv[1:])}`\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -171,10 +202,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall-clock time, or the process's CPU time (CPU device only)")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures the process's CPU time: CPU device only")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(table(measure(args), args))
+    text = table(measure(args), args)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(provenance(args) + "\n" + text + "\n")
 
 
 if __name__ == "__main__":
