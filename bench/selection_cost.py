@@ -106,13 +106,14 @@ def measure(args) -> dict:
     def select_train(layer):
         _selection_step(layer, xg, ids, backend)
 
-    jobs = {}
-    for name, layer in layers.items():
-        jobs[(name, "forward")] = (layer_fwd, layer)
-        jobs[(name, "forward+backward")] = (layer_train, layer)
-        if name in sfnn.METHODS:
-            jobs[(name, "selection forward")] = (select_fwd, layer)
-            jobs[(name, "selection fwd+bwd")] = (select_train, layer)
+    jobs = {}  # mode by mode, so that each variant runs right beside avgk in every round
+    for mode, fn in (("forward", layer_fwd), ("forward+backward", layer_train),
+                     ("selection forward", select_fwd), ("selection fwd+bwd", select_train)):
+        for name, layer in layers.items():
+            if name not in args.variants or mode not in args.modes:
+                continue
+            if name in sfnn.METHODS or not mode.startswith("sel"):
+                jobs[(name, mode)] = (fn, layer)
     counts = torch.zeros(layers["avgk"].n_blocks, dtype=torch.int64, device=args.device)
     chosen = torch.randint(0, layers["avgk"].n_blocks, (args.tokens, args.top_k),
                            generator=gen).to(args.device)
@@ -132,8 +133,12 @@ def measure(args) -> dict:
     return times
 
 
+VARIANTS = sfnn.METHODS + ("avgk+usage",)
+MODES = ("forward", "forward+backward", "selection forward", "selection fwd+bwd")
+
+
 def table(times: dict, args) -> str:
-    modes = ["forward", "forward+backward", "selection forward", "selection fwd+bwd"]
+    modes = [m for m in MODES if m in args.modes]
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lines = [f"T={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, g={args.block_size}, "
              f"top_k={args.top_k}, fp32, gelu, backend={args.backend} on {args.device}, "
@@ -143,24 +148,48 @@ def table(times: dict, args) -> str:
              "",
              "| variant | " + " | ".join(f"{m} ms (vs avgk)" for m in modes) + " |",
              "|---|" + "---|" * len(modes)]
-    for name in list(sfnn.METHODS) + ["avgk+usage"]:
+    for name in VARIANTS:
+        if name not in args.variants:
+            continue
         cells = []
         for m in modes:
-            if (name, m) not in med:
+            if (name, m) not in med or ("avgk", m) not in med:
                 cells.append("")
                 continue
             base = med[("avgk", m)]
             rel = "" if name == "avgk" else f" ({(med[(name, m)] - base) / base * 100:+.1f}%)"
-            if m.startswith("selection"):
-                layer_m = "forward" if m == "selection forward" else "forward+backward"
+            layer_m = "forward" if m in ("forward", "selection forward") else "forward+backward"
+            if m.startswith("selection") and ("avgk", layer_m) in med:
                 rel += f", {med[(name, m)] / med[('avgk', layer_m)] * 100:.1f}% of avgk layer"
             cells.append(f"{med[(name, m)]:.1f}{rel}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    usage = med[("usage update", "alone")]
-    lines += ["", f"usage update alone (index_add_ of T*top_k = {args.tokens * args.top_k} "
-                  f"ones into {args.d_ff // args.block_size} int64 counts): {usage:.3f} ms = "
-                  f"{usage / med[('avgk', 'forward')] * 100:.3f}% of the avgk forward, "
-                  f"{usage / med[('avgk', 'forward+backward')] * 100:.3f}% of forward+backward"]
+    # Paired: each round's time over the avgk time of the same round (adjacent calls), whose
+    # median shrugs off the drift a loaded machine adds between rounds.
+    paired = []
+    for name in VARIANTS:
+        if name == "avgk" or name not in args.variants:
+            continue
+        cells = []
+        for m in modes:
+            a, b = times.get(("avgk", m)), times.get((name, m))
+            if not a or not b:
+                cells.append("")
+                continue
+            r = sorted(tb / ta - 1 for ta, tb in zip(a, b, strict=True))
+            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+            cells.append(f"{q[1] * 100:+.1f}% [{q[0] * 100:+.1f}, {q[2] * 100:+.1f}]")
+        paired.append(f"| {name} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Paired per round (median, [quartiles]) of variant time / avgk time - 1:",
+                  "", "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        lines += paired
+    usage = med.get(("usage update", "alone"))
+    if usage is not None and ("avgk", "forward") in med and ("avgk", "forward+backward") in med:
+        lines += ["", f"usage update alone (index_add_ of T*top_k = {args.tokens * args.top_k} "
+                      f"ones into {args.d_ff // args.block_size} int64 counts): {usage:.3f} ms "
+                      f"= {usage / med[('avgk', 'forward')] * 100:.3f}% of the avgk forward, "
+                      f"{usage / med[('avgk', 'forward+backward')] * 100:.3f}% of "
+                      "forward+backward"]
     return "\n".join(lines)
 
 
@@ -188,6 +217,14 @@ def provenance(args) -> str:
             f"\n\n`python bench/selection_cost.py {' '.join(sys.argv[1:])}`\n")
 
 
+def _subset(p, flag: str, value: str, allowed: tuple) -> set:
+    chosen = {v.strip() for v in value.split(",") if v.strip()}
+    bad = chosen - set(allowed)
+    if bad or not chosen:
+        p.error(f"{flag} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
+    return chosen
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=4096)
@@ -203,7 +240,13 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall-clock time, or the process's CPU time (CPU device only)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (avgk is always kept)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)}")
     args = p.parse_args()
+    args.variants = _subset(p, "--variants", args.variants, VARIANTS) | {"avgk"}
+    args.modes = _subset(p, "--modes", args.modes, MODES)
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu measures the process's CPU time: CPU device only")
     if args.threads:
