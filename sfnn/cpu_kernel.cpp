@@ -1,0 +1,551 @@
+// The CPU kernel of sfnn's torch backend: the block FFN forward and backward in one parallel
+// region per call (plus one to sum the per-task partial outputs), built just in time by
+// sfnn/cpu_kernel.py where a C++ compiler is present.
+//
+// Why: the pure-torch path runs a loop of small ATen ops per selected block, each its own
+// OpenMP parallel region with a barrier; on a machine shared with another busy process every
+// barrier waits for a descheduled thread, and the path collapses (issue 12). Here the
+// (token, slot) pairs are grouped by block once (a counting sort, stable: the same block order
+// as the torch path), the blocks are split into one contiguous range per task with about equal
+// work, and each task runs its blocks alone: gather the tokens' rows, GEMM with the block's
+// key rows, activation, GEMM with its value rows, add into the task's own fp32 (fp64 for fp64)
+// output rows. The GEMMs and activations are ATen ops called inside the parallel region, where
+// ATen and MKL run them on the calling thread. A second region sums the tasks' partial outputs
+// in task order. Results are bitwise repeatable for a given thread count.
+//
+// Shapes as in sfnn/ops.py's backend protocol: x (T, d_model), keys / values (d_ff, d_model),
+// indices int32 (T, top_k) in [0, n_blocks), key_bias (d_ff,), out_bias (d_model,), gates
+// (T, top_k) in the accumulation dtype; saved pre-activations (T * top_k, g) in block order.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/clamp_min.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/silu_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+// Extra per-task accumulators are capped at this many bytes (or twice y's, if larger): beyond
+// it fewer tasks run (each task owns a (T, d_model) accumulator).
+constexpr int64_t kAccBudgetBytes = int64_t{512} << 20;
+// A block's fixed cost in units of one token row, for balancing the tasks' work.
+constexpr int64_t kBlockOverheadRows = 8;
+
+enum class Act { kRelu, kGelu, kSilu };
+
+Act parse_activation(const std::string& a) {
+  if (a == "relu") return Act::kRelu;
+  if (a == "gelu") return Act::kGelu;
+  if (a == "silu") return Act::kSilu;
+  TORCH_CHECK_VALUE(false, "activation must be one of 'relu', 'gelu', 'silu', got '", a, "'");
+  return Act::kRelu;
+}
+
+// out = act(pre); out may be pre.
+void activate(at::Tensor& out, const at::Tensor& pre, Act act) {
+  switch (act) {
+    case Act::kRelu: at::clamp_min_out(out, pre, 0); break;  // NaN stays NaN, as F.relu
+    case Act::kGelu: at::gelu_out(out, pre, "none"); break;
+    case Act::kSilu: at::silu_out(out, pre); break;
+  }
+}
+
+// da = dh * act'(pre)
+void activate_backward(at::Tensor& da, const at::Tensor& dh, const at::Tensor& pre, Act act) {
+  switch (act) {
+    case Act::kRelu: at::threshold_backward_out(da, dh, pre, 0); break;
+    case Act::kGelu: at::gelu_backward_out(da, dh, pre, "none"); break;
+    case Act::kSilu: at::silu_backward_out(da, dh, pre); break;
+  }
+}
+
+// The (token, slot) pairs p = t * top_k + j grouped by block, stable (the torch path's argsort
+// order): block b's pairs are pair[offset[b] .. offset[b + 1]).
+struct Routing {
+  std::vector<int64_t> offset;
+  std::vector<int64_t> pair;
+};
+
+Routing route(const at::Tensor& indices, int64_t n_blocks) {
+  const int64_t n = indices.numel();
+  const int32_t* idx = indices.data_ptr<int32_t>();
+  Routing r;
+  r.offset.assign(static_cast<size_t>(n_blocks + 1), 0);
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t b = idx[p];
+    TORCH_CHECK_VALUE(b >= 0 && b < n_blocks, "indices must lie in [0, ", n_blocks, "); got ", b);
+    ++r.offset[static_cast<size_t>(b + 1)];
+  }
+  for (int64_t b = 0; b < n_blocks; ++b) r.offset[b + 1] += r.offset[b];
+  std::vector<int64_t> fill(r.offset.begin(), r.offset.end() - 1);
+  r.pair.resize(static_cast<size_t>(n));
+  for (int64_t p = 0; p < n; ++p) r.pair[fill[idx[p]]++] = p;
+  return r;
+}
+
+// tasks + 1 block boundaries: contiguous block ranges of about equal work (pairs + overhead).
+std::vector<int64_t> partition(const Routing& r, int64_t n_blocks, int64_t tasks) {
+  const int64_t total = r.offset[n_blocks] + kBlockOverheadRows * n_blocks;
+  std::vector<int64_t> bounds(static_cast<size_t>(tasks + 1), n_blocks);
+  bounds[0] = 0;
+  int64_t b = 0, cost = 0;
+  for (int64_t i = 1; i < tasks; ++i) {
+    const int64_t target = total * i / tasks;
+    while (b < n_blocks && cost + (r.offset[b + 1] - r.offset[b] + kBlockOverheadRows) <= target) {
+      cost += r.offset[b + 1] - r.offset[b] + kBlockOverheadRows;
+      ++b;
+    }
+    bounds[i] = b;
+  }
+  return bounds;
+}
+
+int64_t num_tasks(int64_t n_blocks, int64_t acc_bytes) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t budget = std::max(kAccBudgetBytes, 2 * acc_bytes);
+  const int64_t by_memory = 1 + budget / std::max<int64_t>(acc_bytes, 1);
+  return std::max<int64_t>(1, std::min({threads, n_blocks, by_memory}));
+}
+
+// rows[i] = src[tok[i]] for the n pairs' tokens (row-contiguous tensors).
+void gather_rows(at::Tensor& dst, const at::Tensor& src, const int64_t* pairs, int64_t n,
+                 int64_t top_k) {
+  const int64_t row = src.size(1) * src.element_size();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  for (int64_t i = 0; i < n; ++i) std::memcpy(d + i * row, s + (pairs[i] / top_k) * row, row);
+}
+
+// acc[tok[i]] += scale_i * src[i] over the n pairs (scale 1 without gates).
+template <typename T, typename A>
+void scatter_add_rows(A* acc, const T* src, const int64_t* pairs, int64_t n, int64_t top_k,
+                      int64_t d, const A* gates) {
+  for (int64_t i = 0; i < n; ++i) {
+    A* dst = acc + (pairs[i] / top_k) * d;
+    const T* s = src + i * d;
+    if (gates != nullptr) {
+      const A g = gates[pairs[i]];
+      for (int64_t c = 0; c < d; ++c) dst[c] += g * static_cast<A>(s[c]);
+    } else {
+      for (int64_t c = 0; c < d; ++c) dst[c] += static_cast<A>(s[c]);
+    }
+  }
+}
+
+// out[t] = cast(sum_task acc[task][t] + out_bias) for t in [t0, t1).
+template <typename T, typename A>
+void reduce_rows(T* out, const std::vector<A*>& acc, const T* out_bias, int64_t t0, int64_t t1,
+                 int64_t d) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t c = 0; c < d; ++c) {
+      A v = acc[0][t * d + c];
+      for (size_t i = 1; i < acc.size(); ++i) v += acc[i][t * d + c];
+      if (out_bias != nullptr) v += static_cast<A>(out_bias[c]);
+      out[t * d + c] = static_cast<T>(v);
+    }
+  }
+}
+
+// ---- blocks chosen by a few tokens (decoding): fused loops instead of ATen's small GEMMs, so
+// a block costs one pass over its key rows and one over its value rows and nothing else.
+
+constexpr int64_t kGemvGroup = 4;      // token rows per pass over a block's rows
+constexpr int64_t kGemvMaxRows = 8;    // blocks with more pairs go through ATen's GEMMs
+constexpr int kLanes = 8;              // independent partial sums per dot product (vectorised)
+
+template <typename A>
+A activate_scalar(A a, Act act) {
+  if (act == Act::kRelu) return a < A(0) ? A(0) : a;  // NaN passes through
+  if (act == Act::kGelu) return A(0.5) * a * (A(1) + std::erf(a * A(0.70710678118654752440)));
+  return a / (A(1) + std::exp(-a));
+}
+
+// out[i] = k . x[i] for the N rows x[0..N), in A.
+template <int N, typename T, typename A>
+void dot_rows(const T* k, const T* const* x, int64_t d, A* out) {
+  A acc[N][kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes) {
+    A kv[kLanes];
+    for (int l = 0; l < kLanes; ++l) kv[l] = static_cast<A>(k[c + l]);
+    for (int i = 0; i < N; ++i)
+      for (int l = 0; l < kLanes; ++l) acc[i][l] += kv[l] * static_cast<A>(x[i][c + l]);
+  }
+  for (int i = 0; i < N; ++i) {
+    A s = 0;
+    for (int l = 0; l < kLanes; ++l) s += acc[i][l];
+    for (int64_t cc = c; cc < d; ++cc) s += static_cast<A>(k[cc]) * static_cast<A>(x[i][cc]);
+    out[i] = s;
+  }
+}
+
+// y[i] += h[i] * v for the N rows y[0..N).
+template <int N, typename T, typename A>
+void axpy_rows(A* const* y, const A* h, const T* v, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) {
+    const A vc = static_cast<A>(v[c]);
+    for (int i = 0; i < N; ++i) y[i][c] += h[i] * vc;
+  }
+}
+
+// Block b for the N (<= kGemvGroup) pairs `pairs`: acc[token] += gate * act(x . k + bias) v,
+// saved rows (if any) get the pre-activations in the input dtype.
+template <int N, typename T, typename A>
+void block_gemv(A* acc, const T* x, const T* keys, const T* values, const T* key_bias,
+                const A* gates, const int64_t* pairs, int64_t top_k, int64_t d, int64_t g,
+                int64_t b, Act act, T* saved) {
+  const T* xr[N];
+  A* yr[N];
+  A gate[N];
+  for (int i = 0; i < N; ++i) {
+    const int64_t t = pairs[i] / top_k;
+    xr[i] = x + t * d;
+    yr[i] = acc + t * d;
+    gate[i] = gates != nullptr ? gates[pairs[i]] : A(1);
+  }
+  std::vector<A> h(static_cast<size_t>(N * g));
+  for (int64_t r = 0; r < g; ++r) {
+    A pre[N];
+    dot_rows<N, T, A>(keys + (b * g + r) * d, xr, d, pre);
+    const A bias = key_bias != nullptr ? static_cast<A>(key_bias[b * g + r]) : A(0);
+    for (int i = 0; i < N; ++i) {
+      const T p = static_cast<T>(pre[i] + bias);
+      if (saved != nullptr) saved[i * g + r] = p;
+      h[static_cast<size_t>(r * N + i)] = gate[i] * activate_scalar<A>(static_cast<A>(p), act);
+    }
+  }
+  for (int64_t r = 0; r < g; ++r) {
+    axpy_rows<N, T, A>(yr, h.data() + r * N, values + (b * g + r) * d, d);
+  }
+}
+
+template <typename T, typename A>
+void block_gemv_any(A* acc, const T* x, const T* keys, const T* values, const T* key_bias,
+                    const A* gates, const int64_t* pairs, int64_t n, int64_t top_k, int64_t d,
+                    int64_t g, int64_t b, Act act, T* saved) {
+  for (int64_t i0 = 0; i0 < n; i0 += kGemvGroup) {
+    const int64_t m = std::min(kGemvGroup, n - i0);
+    T* sv = saved != nullptr ? saved + i0 * g : nullptr;
+    const int64_t* pp = pairs + i0;
+    switch (m) {
+      case 1: block_gemv<1, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
+      case 2: block_gemv<2, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
+      case 3: block_gemv<3, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
+      default: block_gemv<4, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
+    }
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
+                  const at::Tensor& indices, int64_t block_size) {
+  TORCH_CHECK(x.device().is_cpu(), "sfnn_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "sfnn_cpu: x must be contiguous (T, d_model)");
+  TORCH_CHECK(keys.dim() == 2 && keys.is_contiguous() && values.sizes() == keys.sizes() &&
+                  values.is_contiguous() && keys.size(1) == x.size(1),
+              "sfnn_cpu: keys and values must be contiguous (d_ff, d_model)");
+  TORCH_CHECK(keys.scalar_type() == x.scalar_type() && values.scalar_type() == x.scalar_type(),
+              "sfnn_cpu: x, keys and values must share one dtype");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 2 &&
+                  indices.size(0) == x.size(0) && indices.is_contiguous(),
+              "sfnn_cpu: indices must be contiguous int32 (T, top_k)");
+  TORCH_CHECK(block_size >= 1 && keys.size(0) % block_size == 0,
+              "sfnn_cpu: block_size must divide d_ff");
+}
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+
+// Per-task scratch, sized for the task's largest block.
+struct Scratch {
+  at::Tensor a, b, c, d;  // (n_max, d_model), (n_max, g), (n_max, g), (n_max, d_model)
+};
+
+std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
+    const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
+    const at::Tensor& indices, const std::optional<at::Tensor>& key_bias_in,
+    const std::optional<at::Tensor>& out_bias_in, const std::optional<at::Tensor>& gates_in,
+    int64_t block_size, const std::string& activation, bool save) {
+  check_inputs(x, keys, values, indices, block_size);
+  const Act act = parse_activation(activation);
+  const int64_t T = x.size(0), d = x.size(1), top_k = indices.size(1), g = block_size;
+  const int64_t n_blocks = keys.size(0) / g;
+  const at::Tensor key_bias = contiguous_or_undefined(key_bias_in);
+  const at::Tensor out_bias = contiguous_or_undefined(out_bias_in);
+  const at::ScalarType acc_t = acc_type(x.scalar_type());
+  const at::Tensor gates =
+      gates_in.has_value() && gates_in->defined() ? gates_in->to(acc_t).contiguous()
+                                                  : at::Tensor();
+  const Routing r = route(indices, n_blocks);
+  at::Tensor y = at::empty({T, d}, x.options());
+  at::Tensor saved = save ? at::empty({T * top_k, g}, x.options()) : at::empty({0}, x.options());
+  if (T == 0) return {y, saved};
+  const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
+  const int64_t tasks = num_tasks(n_blocks, acc_bytes);
+  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  std::vector<at::Tensor> acc(static_cast<size_t>(tasks));
+  for (auto& a : acc) a = at::empty({T, d}, x.options().dtype(acc_t));
+
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      at::Tensor& out = acc[static_cast<size_t>(task)];
+      out.zero_();
+      const int64_t b0 = bounds[task], b1 = bounds[task + 1];
+      int64_t n_max = 0;
+      for (int64_t b = b0; b < b1; ++b) n_max = std::max(n_max, r.offset[b + 1] - r.offset[b]);
+      Scratch s;
+      if (n_max > kGemvMaxRows) {
+        s = Scratch{at::empty({n_max, d}, x.options()), at::empty({n_max, g}, x.options()),
+                    at::empty({n_max, g}, x.options()), at::empty({n_max, d}, x.options())};
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
+        if (n == 0) continue;
+        const int64_t* pairs = r.pair.data() + p0;
+        if (n <= kGemvMaxRows) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_mv",
+                                          [&] {
+            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+            block_gemv_any<scalar_t, A>(
+                out.data_ptr<A>(), x.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
+                values.data_ptr<scalar_t>(),
+                key_bias.defined() ? key_bias.data_ptr<scalar_t>() : nullptr,
+                gates.defined() ? gates.data_ptr<A>() : nullptr, pairs, n, top_k, d, g, b, act,
+                save ? saved.data_ptr<scalar_t>() + p0 * g : nullptr);
+          });
+          continue;
+        }
+        at::Tensor xb = s.a.narrow(0, 0, n);
+        gather_rows(xb, x, pairs, n, top_k);
+        const at::Tensor kb = keys.narrow(0, b * g, g);
+        at::Tensor pre = save ? saved.narrow(0, p0, n) : s.b.narrow(0, 0, n);
+        if (key_bias.defined()) {
+          at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
+        } else {
+          at::mm_out(pre, xb, kb.t());
+        }
+        at::Tensor h = s.c.narrow(0, 0, n);
+        activate(h, pre, act);
+        at::Tensor ob = s.d.narrow(0, 0, n);
+        at::mm_out(ob, h, values.narrow(0, b * g, g));
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd", [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          scatter_add_rows<scalar_t, A>(out.data_ptr<A>(), ob.data_ptr<scalar_t>(), pairs, n,
+                                        top_k, d,
+                                        gates.defined() ? gates.data_ptr<A>() : nullptr);
+        });
+      }
+    }
+  });
+
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
+                   [&](int64_t t0, int64_t t1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_sum", [&] {
+      using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      std::vector<A*> parts;
+      for (auto& a : acc) parts.push_back(a.data_ptr<A>());
+      reduce_rows<scalar_t, A>(y.data_ptr<scalar_t>(), parts,
+                               out_bias.defined() ? out_bias.data_ptr<scalar_t>() : nullptr, t0,
+                               t1, d);
+    });
+  });
+  return {y, saved};
+}
+
+// Per-pair, per-row helpers of the backward (input dtype T, accumulation dtype A).
+template <typename T, typename A>
+void scale_rows(T* m, const A* gates, const int64_t* pairs, int64_t n, int64_t cols) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = static_cast<T>(gates[pairs[i]]);
+    for (int64_t c = 0; c < cols; ++c) m[i * cols + c] = static_cast<T>(m[i * cols + c] * g);
+  }
+}
+
+template <typename T, typename A>
+void row_dots(A* out, const T* h, const T* dh, const int64_t* pairs, int64_t n, int64_t cols) {
+  for (int64_t i = 0; i < n; ++i) {
+    A s = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      s += static_cast<A>(static_cast<T>(h[i * cols + c] * dh[i * cols + c]));
+    }
+    out[pairs[i]] = s;
+  }
+}
+
+template <typename T, typename A>
+void column_sums(T* out, const T* m, int64_t n, int64_t cols) {
+  std::vector<A> s(static_cast<size_t>(cols), A(0));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<A>(m[i * cols + c]);
+  for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(s[c]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn_bwd(
+    const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& keys,
+    const at::Tensor& values, const at::Tensor& indices,
+    const std::optional<at::Tensor>& key_bias_in, const std::optional<at::Tensor>& gates_in,
+    const at::Tensor& saved, int64_t block_size, const std::string& activation,
+    c10::List<bool> needs) {
+  check_inputs(x, keys, values, indices, block_size);
+  TORCH_CHECK(needs.size() == 5, "sfnn_cpu: needs must hold 5 flags");
+  const Act act = parse_activation(activation);
+  const at::Tensor dy = dy_in.contiguous();
+  const int64_t T = x.size(0), d = x.size(1), top_k = indices.size(1), g = block_size;
+  const int64_t n_blocks = keys.size(0) / g;
+  const at::Tensor key_bias = contiguous_or_undefined(key_bias_in);
+  const at::ScalarType acc_t = acc_type(x.scalar_type());
+  const at::Tensor gates =
+      gates_in.has_value() && gates_in->defined() ? gates_in->to(acc_t).contiguous()
+                                                  : at::Tensor();
+  const bool need_dx = needs[0], need_dk = needs[1], need_dv = needs[2];
+  const bool need_dkb = needs[3] && key_bias.defined(), need_dg = needs[4] && gates.defined();
+  const bool need_da = need_dx || need_dk || need_dkb;
+  const bool have_saved = saved.numel() > 0;
+  TORCH_CHECK(!have_saved || (saved.size(0) == T * top_k && saved.size(1) == g &&
+                              saved.is_contiguous()),
+              "sfnn_cpu: saved must be (T * top_k, block_size)");
+  const auto opts = x.options();
+  const at::Tensor none = at::empty({0}, opts);
+  at::Tensor dkeys = need_dk ? at::empty_like(keys) : none;
+  at::Tensor dvalues = need_dv ? at::empty_like(values) : none;
+  at::Tensor dkey_bias = need_dkb ? at::empty_like(key_bias) : none;
+  at::Tensor dgates = need_dg ? at::empty({T, top_k}, opts.dtype(acc_t)) : none;
+  at::Tensor dx = need_dx ? at::empty({T, d}, opts) : none;
+  if (T == 0) return {dx, dkeys, dvalues, dkey_bias, dgates};
+  const Routing r = route(indices, n_blocks);
+  const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
+  const int64_t tasks = num_tasks(n_blocks, need_dx ? acc_bytes : 0);
+  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  std::vector<at::Tensor> acc(need_dx ? static_cast<size_t>(tasks) : 0);
+  for (auto& a : acc) a = at::empty({T, d}, opts.dtype(acc_t));
+
+  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      if (need_dx) acc[static_cast<size_t>(task)].zero_();
+      const int64_t b0 = bounds[task], b1 = bounds[task + 1];
+      int64_t n_max = 0;
+      for (int64_t b = b0; b < b1; ++b) n_max = std::max(n_max, r.offset[b + 1] - r.offset[b]);
+      // Blocks nobody chose get zero gradients; every block is in exactly one task's range.
+      for (int64_t b = b0; b < b1; ++b) {
+        if (r.offset[b + 1] > r.offset[b]) continue;
+        if (need_dk) dkeys.narrow(0, b * g, g).zero_();
+        if (need_dv) dvalues.narrow(0, b * g, g).zero_();
+        if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
+      }
+      if (n_max == 0) continue;
+      at::Tensor s_dy = at::empty({n_max, d}, opts), s_x = at::empty({n_max, d}, opts);
+      at::Tensor s_pre = at::empty({n_max, g}, opts), s_h = at::empty({n_max, g}, opts);
+      at::Tensor s_dh = at::empty({n_max, g}, opts), s_da = at::empty({n_max, g}, opts);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
+        if (n == 0) continue;
+        const int64_t* pairs = r.pair.data() + p0;
+        const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+        at::Tensor dyb = s_dy.narrow(0, 0, n);
+        gather_rows(dyb, dy, pairs, n, top_k);
+        at::Tensor xb = s_x.narrow(0, 0, n);
+        if (need_dk || !have_saved) gather_rows(xb, x, pairs, n, top_k);
+        at::Tensor pre = have_saved ? saved.narrow(0, p0, n) : s_pre.narrow(0, 0, n);
+        if (!have_saved) {
+          if (key_bias.defined()) {
+            at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
+          } else {
+            at::mm_out(pre, xb, kb.t());
+          }
+        }
+        at::Tensor h = s_h.narrow(0, 0, n), dh = s_dh.narrow(0, 0, n);
+        if (need_dv || need_dg) activate(h, pre, act);
+        if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g", [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          if (!gates.defined()) return;
+          const A* gp = gates.data_ptr<A>();
+          if (need_dg) {
+            row_dots<scalar_t, A>(dgates.data_ptr<A>(), h.data_ptr<scalar_t>(),
+                                  dh.data_ptr<scalar_t>(), pairs, n, g);
+          }
+          if (need_dv) scale_rows<scalar_t, A>(h.data_ptr<scalar_t>(), gp, pairs, n, g);
+          if (need_da) scale_rows<scalar_t, A>(dh.data_ptr<scalar_t>(), gp, pairs, n, g);
+        });
+        if (need_dv) {
+          at::Tensor dvb = dvalues.narrow(0, b * g, g);
+          at::mm_out(dvb, h.t(), dyb);
+        }
+        if (!need_da) continue;
+        at::Tensor da = s_da.narrow(0, 0, n);
+        activate_backward(da, dh, pre, act);
+        if (need_dk) {
+          at::Tensor dkb = dkeys.narrow(0, b * g, g);
+          at::mm_out(dkb, da.t(), xb);
+        }
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db", [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          if (need_dkb) {
+            column_sums<scalar_t, A>(dkey_bias.data_ptr<scalar_t>() + b * g,
+                                     da.data_ptr<scalar_t>(), n, g);
+          }
+        });
+        if (need_dx) {
+          at::Tensor dxb = s_dy.narrow(0, 0, n);  // dy rows are no longer needed
+          at::mm_out(dxb, da, kb);
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
+                                          [&] {
+            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+            scatter_add_rows<scalar_t, A>(acc[static_cast<size_t>(task)].data_ptr<A>(),
+                                          dxb.data_ptr<scalar_t>(), pairs, n, top_k, d, nullptr);
+          });
+        }
+      }
+    }
+  });
+
+  if (need_dx) {
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
+                     [&](int64_t t0, int64_t t1) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_sum", [&] {
+        using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        std::vector<A*> parts;
+        for (auto& a : acc) parts.push_back(a.data_ptr<A>());
+        reduce_rows<scalar_t, A>(dx.data_ptr<scalar_t>(), parts, nullptr, t0, t1, d);
+      });
+    });
+  }
+  return {dx, dkeys, dvalues, dkey_bias, dgates};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sfnn_cpu, m) {
+  m.def(
+      "block_ffn_fwd(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias, "
+      "Tensor? out_bias, Tensor? gates, int block_size, str activation, bool save) "
+      "-> (Tensor, Tensor)",
+      &block_ffn_fwd);
+  m.def(
+      "block_ffn_bwd(Tensor dy, Tensor x, Tensor keys, Tensor values, Tensor indices, "
+      "Tensor? key_bias, Tensor? gates, Tensor saved, int block_size, str activation, "
+      "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      &block_ffn_bwd);
+}
