@@ -41,7 +41,43 @@
 #include <type_traits>
 #include <vector>
 
+// The BLAS and OpenMP runtimes torch itself uses, when present (weak: a torch without MKL or
+// OpenMP still loads this library). See SingleThreaded. MKL's C entry point is the mixed-case
+// name (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol is the Fortran
+// one, which takes a pointer).
+extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int n);
+extern "C" __attribute__((weak)) void omp_set_num_threads(int n);
+extern "C" __attribute__((weak)) int omp_get_max_threads(void);
+
 namespace {
+
+// Inside the kernel's parallel region every ATen op must run on the calling thread. ATen's own
+// parallel_for does, but torch turns MKL's dynamic threading off (mkl_set_dynamic(0)), so an
+// MKL GEMM called there would fork a nested team of torch's thread count, and oneDNN sizes its
+// teams from OpenMP's nthreads: one fork/join (and, under contention, a wait for a descheduled
+// thread) per GEMM, the very cost the kernel exists to avoid. This guard makes both run
+// single-threaded on this thread for the guard's lifetime, and restores both settings (libgomp
+// keeps the master thread's setting after the region: torch.get_num_threads() reads it).
+class SingleThreaded {
+ public:
+  SingleThreaded() {
+    if (omp_set_num_threads != nullptr && omp_get_max_threads != nullptr) {
+      omp_previous_ = omp_get_max_threads();
+      omp_set_num_threads(1);
+    }
+    if (MKL_Set_Num_Threads_Local != nullptr) mkl_previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreaded() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_previous_);
+    if (omp_previous_ > 0) omp_set_num_threads(omp_previous_);
+  }
+  SingleThreaded(const SingleThreaded&) = delete;
+  SingleThreaded& operator=(const SingleThreaded&) = delete;
+
+ private:
+  int omp_previous_ = 0;
+  int mkl_previous_ = 0;  // 0: back to MKL's global setting
+};
 
 // Extra per-task accumulators are capped at this many bytes (or twice y's, if larger): beyond
 // it fewer tasks run (each task owns a (T, d_model) accumulator).
@@ -309,6 +345,7 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
   for (auto& a : acc) a = at::empty({T, d}, x.options().dtype(acc_t));
 
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    const SingleThreaded single;
     for (int64_t task = task_begin; task < task_end; ++task) {
       at::Tensor& out = acc[static_cast<size_t>(task)];
       out.zero_();
@@ -442,6 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
   for (auto& a : acc) a = at::empty({T, d}, opts.dtype(acc_t));
 
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    const SingleThreaded single;
     for (int64_t task = task_begin; task < task_end; ++task) {
       if (need_dx) acc[static_cast<size_t>(task)].zero_();
       const int64_t b0 = bounds[task], b1 = bounds[task + 1];

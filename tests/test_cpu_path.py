@@ -210,6 +210,39 @@ def test_kernel_is_repeatable_and_close_across_thread_counts(kernel):
     assert_close(y3, y1, name="y with 1 thread")
 
 
+ONE_REGION = """
+import resource, torch
+from sfnn import cpu_kernel
+torch.set_num_threads(2)
+T, d, nb, g, k = 2048, 64, 128, 16, 4  # ~64 pairs per block: the ATen GEMM path
+gen = torch.Generator().manual_seed(0)
+x, keys = torch.randn(T, d, generator=gen), torch.randn(nb * g, d, generator=gen)
+idx = torch.randint(0, nb, (T, k), generator=gen, dtype=torch.int32)
+kw = dict(block_size=g, activation="gelu")
+_, saved = cpu_kernel.block_ffn_fwd(x, keys, keys, idx, None, None, None,
+                                    save_for_backward=True, **kw)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+cpu_kernel.block_ffn_fwd(x, keys, keys, idx, None, None, None, save_for_backward=True, **kw)
+cpu_kernel.block_ffn_bwd(x, x, keys, keys, idx, None, None, saved, needs=[True] * 3 + [False] * 2,
+                         **kw)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before, torch.get_num_threads())
+"""
+
+
+def test_kernel_runs_one_region_and_leaves_the_thread_settings(kernel):
+    """Inside the kernel's region the GEMMs run on the calling thread: no nested OpenMP/MKL team
+    per block. With OMP_WAIT_POLICY=PASSIVE every fork/join puts threads to sleep (a voluntary
+    context switch); a nested team per GEMM made ~9 per block, one region per call a handful.
+    torch's thread count is the same after the calls."""
+    pytest.importorskip("resource")
+    out = subprocess.run([sys.executable, "-c", ONE_REGION], capture_output=True, text=True,
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert out.returncode == 0, out.stderr
+    switches, threads = (int(v) for v in out.stdout.split())
+    assert switches < 32, f"{switches} voluntary context switches for 2 calls over 128 blocks"
+    assert threads == 2
+
+
 def test_kernel_past_65536_tokens(kernel):
     """int64 offsets: 70,000 tokens (x rows and pair ids past 2^16)."""
     T, d, nb, g, k = 70_000, 4, 8, 2, 2
