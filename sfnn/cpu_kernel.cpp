@@ -11,7 +11,9 @@
 // key rows, activation, GEMM with its value rows, add into the task's own fp32 (fp64 for fp64)
 // output rows. The GEMMs and activations are ATen ops called inside the parallel region, where
 // ATen and MKL run them on the calling thread. A second region sums the tasks' partial outputs
-// in task order. Results are bitwise repeatable for a given thread count.
+// in task order. With deterministic=True each task owns a fixed range of blocks and the
+// results are bitwise repeatable for a given thread count; otherwise the tasks take blocks from
+// a shared counter, which keeps both threads busy when the OS deschedules one of them.
 //
 // Shapes as in sfnn/ops.py's backend protocol: x (T, d_model), keys / values (d_ff, d_model),
 // indices int32 (T, top_k) in [0, n_blocks), key_bias (d_ff,), out_bias (d_model,), gates
@@ -33,12 +35,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The BLAS and OpenMP runtimes torch itself uses, when present (weak: a torch without MKL or
@@ -161,6 +165,38 @@ int64_t num_tasks(int64_t n_blocks, int64_t acc_bytes) {
   return std::max<int64_t>(1, std::min({threads, n_blocks, by_memory}));
 }
 
+// Token rows per pass over a block: the gathered rows and the block's output rows of a pass
+// (2 x rows x d_model elements) stay within ~256 KiB, in L2, between the GEMM and the gather
+// or scatter next to it.
+int64_t chunk_rows(int64_t d, int64_t elt) {
+  return std::clamp<int64_t>(int64_t{256 * 1024} / (2 * d * elt), 32, 512);
+}
+
+// The blocks a task runs: its own contiguous range (deterministic: the same blocks meet the
+// same accumulator every run), or one block at a time from a shared counter (balances threads
+// that the OS deschedules on a busy machine; a token's partial sums then meet in a varying
+// order).
+class BlockQueue {
+ public:
+  BlockQueue(std::vector<int64_t> bounds, int64_t n_blocks, bool dynamic)
+      : bounds_(std::move(bounds)), n_blocks_(n_blocks), dynamic_(dynamic) {}
+  int64_t begin(int64_t task) const { return dynamic_ ? 0 : bounds_[task]; }
+  // The next block for `task` (cursor starts at begin(task)), or -1.
+  int64_t next(int64_t task, int64_t& cursor) {
+    if (dynamic_) {
+      const int64_t b = shared_.fetch_add(1, std::memory_order_relaxed);
+      return b < n_blocks_ ? b : -1;
+    }
+    return cursor < bounds_[task + 1] ? cursor++ : -1;
+  }
+
+ private:
+  std::vector<int64_t> bounds_;
+  int64_t n_blocks_;
+  bool dynamic_;
+  std::atomic<int64_t> shared_{0};
+};
+
 // rows[i] = src[tok[i]] for the n pairs' tokens (row-contiguous tensors).
 void gather_rows(at::Tensor& dst, const at::Tensor& src, const int64_t* pairs, int64_t n,
                  int64_t top_k) {
@@ -175,8 +211,8 @@ template <typename T, typename A>
 void scatter_add_rows(A* acc, const T* src, const int64_t* pairs, int64_t n, int64_t top_k,
                       int64_t d, const A* gates) {
   for (int64_t i = 0; i < n; ++i) {
-    A* dst = acc + (pairs[i] / top_k) * d;
-    const T* s = src + i * d;
+    A* __restrict__ dst = acc + (pairs[i] / top_k) * d;
+    const T* __restrict__ s = src + i * d;
     if (gates != nullptr) {
       const A g = gates[pairs[i]];
       for (int64_t c = 0; c < d; ++c) dst[c] += g * static_cast<A>(s[c]);
@@ -314,16 +350,11 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
-// Per-task scratch, sized for the task's largest block.
-struct Scratch {
-  at::Tensor a, b, c, d;  // (n_max, d_model), (n_max, g), (n_max, g), (n_max, d_model)
-};
-
 std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
     const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& indices, const std::optional<at::Tensor>& key_bias_in,
     const std::optional<at::Tensor>& out_bias_in, const std::optional<at::Tensor>& gates_in,
-    int64_t block_size, const std::string& activation, bool save) {
+    int64_t block_size, const std::string& activation, bool save, bool deterministic) {
   check_inputs(x, keys, values, indices, block_size);
   const Act act = parse_activation(activation);
   const int64_t T = x.size(0), d = x.size(1), top_k = indices.size(1), g = block_size;
@@ -340,24 +371,19 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
   if (T == 0) return {y, saved};
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, acc_bytes);
-  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  BlockQueue queue(partition(r, n_blocks, tasks), n_blocks, !deterministic);
   std::vector<at::Tensor> acc(static_cast<size_t>(tasks));
   for (auto& a : acc) a = at::empty({T, d}, x.options().dtype(acc_t));
+  const int64_t chunk = chunk_rows(d, x.element_size());
 
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
     const SingleThreaded single;
     for (int64_t task = task_begin; task < task_end; ++task) {
       at::Tensor& out = acc[static_cast<size_t>(task)];
       out.zero_();
-      const int64_t b0 = bounds[task], b1 = bounds[task + 1];
-      int64_t n_max = 0;
-      for (int64_t b = b0; b < b1; ++b) n_max = std::max(n_max, r.offset[b + 1] - r.offset[b]);
-      Scratch s;
-      if (n_max > kGemvMaxRows) {
-        s = Scratch{at::empty({n_max, d}, x.options()), at::empty({n_max, g}, x.options()),
-                    at::empty({n_max, g}, x.options()), at::empty({n_max, d}, x.options())};
-      }
-      for (int64_t b = b0; b < b1; ++b) {
+      at::Tensor s_x, s_pre, s_h, s_out;  // [chunk, d], [chunk, g], [chunk, g], [chunk, d]
+      int64_t cursor = queue.begin(task);
+      for (int64_t b; (b = queue.next(task, cursor)) >= 0;) {
         const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
         if (n == 0) continue;
         const int64_t* pairs = r.pair.data() + p0;
@@ -374,25 +400,35 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
           });
           continue;
         }
-        at::Tensor xb = s.a.narrow(0, 0, n);
-        gather_rows(xb, x, pairs, n, top_k);
-        const at::Tensor kb = keys.narrow(0, b * g, g);
-        at::Tensor pre = save ? saved.narrow(0, p0, n) : s.b.narrow(0, 0, n);
-        if (key_bias.defined()) {
-          at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
-        } else {
-          at::mm_out(pre, xb, kb.t());
+        if (!s_x.defined()) {
+          s_x = at::empty({chunk, d}, x.options());
+          s_pre = at::empty({chunk, g}, x.options());
+          s_h = at::empty({chunk, g}, x.options());
+          s_out = at::empty({chunk, d}, x.options());
         }
-        at::Tensor h = s.c.narrow(0, 0, n);
-        activate(h, pre, act);
-        at::Tensor ob = s.d.narrow(0, 0, n);
-        at::mm_out(ob, h, values.narrow(0, b * g, g));
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd", [&] {
-          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-          scatter_add_rows<scalar_t, A>(out.data_ptr<A>(), ob.data_ptr<scalar_t>(), pairs, n,
-                                        top_k, d,
-                                        gates.defined() ? gates.data_ptr<A>() : nullptr);
-        });
+        const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+          const int64_t m = std::min(chunk, n - c0);
+          at::Tensor xb = s_x.narrow(0, 0, m);
+          gather_rows(xb, x, pairs + c0, m, top_k);
+          at::Tensor pre = save ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
+          if (key_bias.defined()) {
+            at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
+          } else {
+            at::mm_out(pre, xb, kb.t());
+          }
+          at::Tensor h = s_h.narrow(0, 0, m);
+          activate(h, pre, act);
+          at::Tensor ob = s_out.narrow(0, 0, m);
+          at::mm_out(ob, h, vb);
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd",
+                                          [&] {
+            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+            scatter_add_rows<scalar_t, A>(out.data_ptr<A>(), ob.data_ptr<scalar_t>(),
+                                          pairs + c0, m, top_k, d,
+                                          gates.defined() ? gates.data_ptr<A>() : nullptr);
+          });
+        }
       }
     }
   });
@@ -431,12 +467,11 @@ void row_dots(A* out, const T* h, const T* dh, const int64_t* pairs, int64_t n, 
   }
 }
 
-template <typename T, typename A>
-void column_sums(T* out, const T* m, int64_t n, int64_t cols) {
-  std::vector<A> s(static_cast<size_t>(cols), A(0));
+// sums[c] += sum_i m[i, c] (in double: a block's bias gradient sums all its pairs' rows).
+template <typename T>
+void add_column_sums(double* sums, const T* m, int64_t n, int64_t cols) {
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < cols; ++c) s[c] += static_cast<A>(m[i * cols + c]);
-  for (int64_t c = 0; c < cols; ++c) out[c] = static_cast<T>(s[c]);
+    for (int64_t c = 0; c < cols; ++c) sums[c] += static_cast<double>(m[i * cols + c]);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn_bwd(
@@ -444,7 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
     const at::Tensor& values, const at::Tensor& indices,
     const std::optional<at::Tensor>& key_bias_in, const std::optional<at::Tensor>& gates_in,
     const at::Tensor& saved, int64_t block_size, const std::string& activation,
-    c10::List<bool> needs) {
+    c10::List<bool> needs, bool deterministic) {
   check_inputs(x, keys, values, indices, block_size);
   TORCH_CHECK(needs.size() == 5, "sfnn_cpu: needs must hold 5 flags");
   const Act act = parse_activation(activation);
@@ -474,85 +509,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
   const Routing r = route(indices, n_blocks);
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, need_dx ? acc_bytes : 0);
-  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  BlockQueue queue(partition(r, n_blocks, tasks), n_blocks, !deterministic);
   std::vector<at::Tensor> acc(need_dx ? static_cast<size_t>(tasks) : 0);
   for (auto& a : acc) a = at::empty({T, d}, opts.dtype(acc_t));
+  const int64_t chunk = chunk_rows(d, x.element_size());
 
   at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
     const SingleThreaded single;
     for (int64_t task = task_begin; task < task_end; ++task) {
       if (need_dx) acc[static_cast<size_t>(task)].zero_();
-      const int64_t b0 = bounds[task], b1 = bounds[task + 1];
-      int64_t n_max = 0;
-      for (int64_t b = b0; b < b1; ++b) n_max = std::max(n_max, r.offset[b + 1] - r.offset[b]);
-      // Blocks nobody chose get zero gradients; every block is in exactly one task's range.
-      for (int64_t b = b0; b < b1; ++b) {
-        if (r.offset[b + 1] > r.offset[b]) continue;
-        if (need_dk) dkeys.narrow(0, b * g, g).zero_();
-        if (need_dv) dvalues.narrow(0, b * g, g).zero_();
-        if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
-      }
-      if (n_max == 0) continue;
-      at::Tensor s_dy = at::empty({n_max, d}, opts), s_x = at::empty({n_max, d}, opts);
-      at::Tensor s_pre = at::empty({n_max, g}, opts), s_h = at::empty({n_max, g}, opts);
-      at::Tensor s_dh = at::empty({n_max, g}, opts), s_da = at::empty({n_max, g}, opts);
-      for (int64_t b = b0; b < b1; ++b) {
+      // [chunk, d] x 2, [chunk, g] x 4
+      at::Tensor s_dy = at::empty({chunk, d}, opts), s_x = at::empty({chunk, d}, opts);
+      at::Tensor s_pre = at::empty({chunk, g}, opts), s_h = at::empty({chunk, g}, opts);
+      at::Tensor s_dh = at::empty({chunk, g}, opts), s_da = at::empty({chunk, g}, opts);
+      int64_t cursor = queue.begin(task);
+      for (int64_t b; (b = queue.next(task, cursor)) >= 0;) {
         const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
-        if (n == 0) continue;
-        const int64_t* pairs = r.pair.data() + p0;
+        if (n == 0) {  // nobody chose it: zero gradients (each block is one task's)
+          if (need_dk) dkeys.narrow(0, b * g, g).zero_();
+          if (need_dv) dvalues.narrow(0, b * g, g).zero_();
+          if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
+          continue;
+        }
         const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
-        at::Tensor dyb = s_dy.narrow(0, 0, n);
-        gather_rows(dyb, dy, pairs, n, top_k);
-        at::Tensor xb = s_x.narrow(0, 0, n);
-        if (need_dk || !have_saved) gather_rows(xb, x, pairs, n, top_k);
-        at::Tensor pre = have_saved ? saved.narrow(0, p0, n) : s_pre.narrow(0, 0, n);
-        if (!have_saved) {
-          if (key_bias.defined()) {
-            at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
-          } else {
-            at::mm_out(pre, xb, kb.t());
+        at::Tensor dkb = need_dk ? dkeys.narrow(0, b * g, g) : none;
+        at::Tensor dvb = need_dv ? dvalues.narrow(0, b * g, g) : none;
+        std::vector<double> bias_sum(need_dkb ? static_cast<size_t>(g) : 0, 0.0);
+        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+          const int64_t m = std::min(chunk, n - c0);
+          const int64_t* pairs = r.pair.data() + p0 + c0;
+          const bool first = c0 == 0;
+          at::Tensor dyb = s_dy.narrow(0, 0, m);
+          gather_rows(dyb, dy, pairs, m, top_k);
+          at::Tensor xb = s_x.narrow(0, 0, m);
+          if (need_dk || !have_saved) gather_rows(xb, x, pairs, m, top_k);
+          at::Tensor pre = have_saved ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
+          if (!have_saved) {
+            if (key_bias.defined()) {
+              at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
+            } else {
+              at::mm_out(pre, xb, kb.t());
+            }
           }
-        }
-        at::Tensor h = s_h.narrow(0, 0, n), dh = s_dh.narrow(0, 0, n);
-        if (need_dv || need_dg) activate(h, pre, act);
-        if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g", [&] {
-          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-          if (!gates.defined()) return;
-          const A* gp = gates.data_ptr<A>();
-          if (need_dg) {
-            row_dots<scalar_t, A>(dgates.data_ptr<A>(), h.data_ptr<scalar_t>(),
-                                  dh.data_ptr<scalar_t>(), pairs, n, g);
-          }
-          if (need_dv) scale_rows<scalar_t, A>(h.data_ptr<scalar_t>(), gp, pairs, n, g);
-          if (need_da) scale_rows<scalar_t, A>(dh.data_ptr<scalar_t>(), gp, pairs, n, g);
-        });
-        if (need_dv) {
-          at::Tensor dvb = dvalues.narrow(0, b * g, g);
-          at::mm_out(dvb, h.t(), dyb);
-        }
-        if (!need_da) continue;
-        at::Tensor da = s_da.narrow(0, 0, n);
-        activate_backward(da, dh, pre, act);
-        if (need_dk) {
-          at::Tensor dkb = dkeys.narrow(0, b * g, g);
-          at::mm_out(dkb, da.t(), xb);
-        }
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db", [&] {
-          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-          if (need_dkb) {
-            column_sums<scalar_t, A>(dkey_bias.data_ptr<scalar_t>() + b * g,
-                                     da.data_ptr<scalar_t>(), n, g);
-          }
-        });
-        if (need_dx) {
-          at::Tensor dxb = s_dy.narrow(0, 0, n);  // dy rows are no longer needed
-          at::mm_out(dxb, da, kb);
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
+          at::Tensor h = s_h.narrow(0, 0, m), dh = s_dh.narrow(0, 0, m);
+          if (need_dv || need_dg) activate(h, pre, act);
+          if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g",
                                           [&] {
             using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-            scatter_add_rows<scalar_t, A>(acc[static_cast<size_t>(task)].data_ptr<A>(),
-                                          dxb.data_ptr<scalar_t>(), pairs, n, top_k, d, nullptr);
+            if (!gates.defined()) return;
+            const A* gp = gates.data_ptr<A>();
+            if (need_dg) {
+              row_dots<scalar_t, A>(dgates.data_ptr<A>(), h.data_ptr<scalar_t>(),
+                                    dh.data_ptr<scalar_t>(), pairs, m, g);
+            }
+            if (need_dv) scale_rows<scalar_t, A>(h.data_ptr<scalar_t>(), gp, pairs, m, g);
+            if (need_da) scale_rows<scalar_t, A>(dh.data_ptr<scalar_t>(), gp, pairs, m, g);
+          });
+          if (need_dv) {
+            if (first) {
+              at::mm_out(dvb, h.t(), dyb);
+            } else {
+              dvb.addmm_(h.t(), dyb);
+            }
+          }
+          if (!need_da) continue;
+          at::Tensor da = s_da.narrow(0, 0, m);
+          activate_backward(da, dh, pre, act);
+          if (need_dk) {
+            if (first) {
+              at::mm_out(dkb, da.t(), xb);
+            } else {
+              dkb.addmm_(da.t(), xb);
+            }
+          }
+          if (need_dkb) {
+            AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
+                                            [&] {
+              add_column_sums<scalar_t>(bias_sum.data(), da.data_ptr<scalar_t>(), m, g);
+            });
+          }
+          if (need_dx) {
+            at::Tensor dxb = s_dy.narrow(0, 0, m);  // this chunk's dy rows are used up
+            at::mm_out(dxb, da, kb);
+            AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
+                                            [&] {
+              using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+              scatter_add_rows<scalar_t, A>(acc[static_cast<size_t>(task)].data_ptr<A>(),
+                                            dxb.data_ptr<scalar_t>(), pairs, m, top_k, d,
+                                            nullptr);
+            });
+          }
+        }
+        if (need_dkb) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
+                                          [&] {
+            scalar_t* out = dkey_bias.data_ptr<scalar_t>() + b * g;
+            for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(bias_sum[c]);
           });
         }
       }
@@ -578,12 +631,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
 TORCH_LIBRARY(sfnn_cpu, m) {
   m.def(
       "block_ffn_fwd(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias, "
-      "Tensor? out_bias, Tensor? gates, int block_size, str activation, bool save) "
-      "-> (Tensor, Tensor)",
+      "Tensor? out_bias, Tensor? gates, int block_size, str activation, bool save, "
+      "bool deterministic) -> (Tensor, Tensor)",
       &block_ffn_fwd);
   m.def(
       "block_ffn_bwd(Tensor dy, Tensor x, Tensor keys, Tensor values, Tensor indices, "
       "Tensor? key_bias, Tensor? gates, Tensor saved, int block_size, str activation, "
-      "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "bool[] needs, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       &block_ffn_bwd);
 }

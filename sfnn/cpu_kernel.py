@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import sys
 import warnings
@@ -38,10 +39,33 @@ def _mode() -> str:
     return "auto"
 
 
+@functools.cache
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags ("" where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return ""
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cflags() -> list[str]:
+    """-O3, and on x86-64 Linux the build machine's vector instructions (-march=native: the
+    gather, scatter and decode loops are plain C++). The build name includes the CPU's flags,
+    so a shared cache never hands the build to another kind of CPU."""
+    flags = ["-O3"]
+    if platform.machine() in ("x86_64", "AMD64") and _cpu_identity():
+        flags.append("-march=native")
+    return flags
+
+
 def _name() -> str:
-    """The build's name: changes with the source, torch and Python, so a stale build is never
-    loaded."""
-    key = (SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode())
+    """The build's name: changes with the source, torch, Python, the flags and the CPU, so a
+    stale or foreign build is never loaded."""
+    key = (SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()
+           + " ".join(_cflags()).encode() + _cpu_identity().encode())
     return "sfnn_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -62,12 +86,16 @@ def _load() -> str | None:
     except Exception:  # noqa: BLE001 - ninja missing or broken
         return "ninja is not installed (pip install ninja) to build the CPU kernel"
     name = _name()
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not (build_dir / f"{name}.so").exists():
+    try:
+        cached = (Path(cpp_extension._get_build_directory(name, verbose=False))
+                  / f"{name}.so").exists()
+    except Exception:  # noqa: BLE001 - a private helper; only decides whether to warn
+        cached = False
+    if not cached:
         warnings.warn("sfnn: building the CPU kernel (first use on this machine only, about a "
                       f"minute; {ENV}=0 skips it)", stacklevel=3)
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"],
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(),
                            is_python_module=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"building the CPU kernel failed: {type(err).__name__}: {str(err)[-2000:]}"
@@ -97,27 +125,30 @@ def _require() -> None:
 
 
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size: int,
-                  activation: str, save_for_backward: bool):
+                  activation: str, save_for_backward: bool, deterministic: bool = True):
     """``(y, saved)``: the torch backend's forward (see :mod:`sfnn.ops`) in one call.
 
     x2d: (T, d_model); keys, values: (d_ff, d_model); indices: int32 (T, top_k); key_bias:
     (d_ff,) or None; out_bias: (d_model,) or None; gates: (T, top_k) or None. y is (T, d_model)
     in x2d's dtype; saved holds the selected pre-activations (T * top_k, block_size) in block
-    order when ``save_for_backward`` (else it is empty).
+    order when ``save_for_backward`` (else it is empty). ``deterministic``: bitwise repeatable
+    for a given thread count (each thread owns fixed blocks); else threads take blocks as they
+    come, which keeps the speed when the OS deschedules one of them.
     """
     _require()
     return torch.ops.sfnn_cpu.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
                                             gates, int(block_size), str(activation),
-                                            bool(save_for_backward))
+                                            bool(save_for_backward), bool(deterministic))
 
 
 def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size: int,
-                  activation: str, needs):
+                  activation: str, needs, deterministic: bool = True):
     """``(dx, dkeys, dvalues, dkey_bias, dgates)``, the torch backend's backward in one call;
-    a gradient not in ``needs`` (or of an absent input) is None."""
+    a gradient not in ``needs`` (or of an absent input) is None. ``deterministic`` as in
+    :func:`block_ffn_fwd`."""
     _require()
     outs = torch.ops.sfnn_cpu.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates,
                                             saved, int(block_size), str(activation),
-                                            [bool(n) for n in needs])
+                                            [bool(n) for n in needs], bool(deterministic))
     present = (True, True, True, key_bias is not None, gates is not None)
     return tuple(o if (n and p) else None for o, n, p in zip(outs, needs, present, strict=True))

@@ -131,14 +131,15 @@ def block_ffn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (T, d_model) in x's dtype, the selected pre-activations (T*top_k, g) in block order
     when ``save_for_backward`` (else an empty tensor), and an empty route (see
-    :func:`route_numel`). Bitwise repeatable run to run (the CPU kernel: for a given thread
-    count)."""
-    del deterministic  # every implementation here is repeatable
+    :func:`route_numel`). Bitwise repeatable run to run, except in the CPU kernel without
+    ``deterministic`` (its threads then take blocks as they come; with it, repeatable for a
+    given thread count)."""
     kernel = _cpu_kernel(x2d)
     if kernel is not None:
         y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
                                         block_size=block_size, activation=activation,
-                                        save_for_backward=save_for_backward)
+                                        save_for_backward=save_for_backward,
+                                        deterministic=deterministic)
         return y, saved, indices.new_empty(0)
     if not save_for_backward and x2d.shape[0] <= FEW_TOKENS and x2d.device.type == "cpu":
         y = few_token_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
@@ -246,11 +247,12 @@ def block_ffn_bwd(
     """(dx, dkeys, dvalues, dkey_bias, dgates float32), each None when ``needs`` (one flag per
     output) leaves it out; pre-activations come from ``saved`` when the forward kept them, else
     they are recomputed. Only the GEMMs of the needed gradients run."""
-    del deterministic, route
+    del route
     kernel = _cpu_kernel(x2d)
     if kernel is not None:
         return kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
-                                    block_size=block_size, activation=activation, needs=needs)
+                                    block_size=block_size, activation=activation, needs=needs,
+                                    deterministic=deterministic)
     return grouped_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                  block_size=block_size, activation=activation, needs=needs)
 

@@ -193,6 +193,24 @@ def test_kernel_needs_skips_what_is_not_asked(kernel):
     assert got[3] is None and got[4] is None and got[0] is not None
 
 
+def test_kernel_without_deterministic_takes_blocks_as_they_come(kernel):
+    """deterministic=False: threads share the blocks dynamically; the results are the same up
+    to the order of a token's partial sums."""
+    T, d, nb, g, k = 300, 24, 12, 8, 3
+    x, keys, values, indices, key_bias, out_bias, gates = _kernel_problem(
+        T, d, nb, g, k, torch.float32, True, True, seed=6)
+    kw = dict(block_size=g, activation="gelu")
+    outs = {}
+    for det in (True, False):
+        y, saved = kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                                        save_for_backward=True, deterministic=det, **kw)
+        grads = kernel.block_ffn_bwd(x, x, keys, values, indices, key_bias, gates, saved,
+                                     needs=(True,) * 5, deterministic=det, **kw)
+        outs[det] = (y, saved, *grads)
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert_close(a, b, name="deterministic vs dynamic")
+
+
 def test_kernel_is_repeatable_and_close_across_thread_counts(kernel):
     T, d, nb, g, k = 200, 32, 16, 8, 4
     x, keys, values, indices, key_bias, out_bias, gates = _kernel_problem(
