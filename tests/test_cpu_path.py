@@ -73,12 +73,17 @@ def test_few_token_path_matches_the_reference(T, activation, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_few_token_path_groups(monkeypatch, group_bytes, dtype):
     monkeypatch.setattr(torch_path, "FEW_TOKEN_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(torch_path, "FEW_TOKEN_GATHER_BELOW", 2**30)
     g, nb, k, d, T = 8, 16, 5, 24, 6
     x, keys, values, key_bias, out_bias = make_problem(T, d, nb * g, dtype=dtype)
     indices = _indices(T, nb, k, _gen(1))
     y = torch_path.few_token_fwd(x, keys, values, indices, key_bias, out_bias, None,
                                  block_size=g, activation="gelu")
     assert y.dtype == dtype
+    monkeypatch.setattr(torch_path, "FEW_TOKEN_GATHER_BELOW", 1)  # every block in place
+    y1 = torch_path.few_token_fwd(x, keys, values, indices, key_bias, out_bias, None,
+                                  block_size=g, activation="gelu")
+    assert_close(y1, y, name="in place vs gathered")
     assert_close(y, _ref(x, keys, values, indices, key_bias, out_bias, None, g, "gelu"),
                  name="y")
 

@@ -165,7 +165,8 @@ def preset_decode(device: str) -> list:
     acceptance shape's d_model 512 (d_ff 8192, g 64, top_k 16), fp32 and bf16, then 2..16
     tokens at d_model 512 (where the few-token path stops paying: torch_path.FEW_TOKENS). On
     the CPU ``torch`` is the CPU kernel when it is built and ``torch-nokernel`` the pure-PyTorch
-    fallback (the few-token path up to FEW_TOKENS tokens); on CUDA the extension and Triton."""
+    fallback (the few-token path up to FEW_TOKENS tokens, the grouped loop beyond); on CUDA the
+    extension and Triton."""
     if device == "cpu":
         every = ("dense", "gather", "torch", "torch-nokernel")
         cases = []
