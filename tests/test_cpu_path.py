@@ -121,7 +121,7 @@ KERNEL_CASES = [
     pytest.param(300, 40, 10, 16, 3, id="T300-d40-nb10-g16-k3-gemm"),
     pytest.param(7, 37, 6, 8, 2, id="T7-d37-nb6-g8-k2-fused"),
     pytest.param(1, 72, 40, 8, 5, id="T1-d72-nb40-g8-k5-decode"),
-    pytest.param(40, 16, 30, 4, 4, id="T40-d16-nb30-g4-k4-mixed"),
+    pytest.param(24, 16, 20, 4, 4, id="T24-d16-nb20-g4-k4-mixed"),
 ]
 
 
