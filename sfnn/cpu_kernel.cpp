@@ -39,6 +39,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -626,6 +627,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
   return {dx, dkeys, dvalues, dkey_bias, dgates};
 }
 
+// ---- selection: scores and top-K in one region
+
+// The torch path's packed key (torch_path.ordered_score_keys): the float32 score's bits made
+// order-preserving as a signed integer above n_blocks - 1 - b, so one descending order is
+// "larger score, then smaller index" and every key is distinct.
+inline int64_t score_key(float s, int64_t b, int64_t n_blocks) {
+  int32_t bits;
+  const float v = s + 0.0f;  // -0 -> +0
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits ^= (bits >> 31) & 0x7FFFFFFF;
+  return (static_cast<int64_t>(bits) << 32) | (n_blocks - 1 - b);
+}
+
+at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
+                         const std::optional<at::Tensor>& bbar_in, int64_t top_k) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "sfnn_cpu: x must be a CPU (T, d)");
+  TORCH_CHECK(x_in.scalar_type() != at::kDouble, "sfnn_cpu: float64 selects on the torch path");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor kbar = kbar_in.to(at::kFloat).contiguous();
+  const at::Tensor bbar =
+      bbar_in.has_value() && bbar_in->defined() ? bbar_in->to(at::kFloat).contiguous()
+                                                : at::Tensor();
+  const int64_t T = x.size(0), n_blocks = kbar.size(0);
+  TORCH_CHECK(kbar.dim() == 2 && kbar.size(1) == x.size(1), "sfnn_cpu: kbar must be (n, d)");
+  TORCH_CHECK(top_k >= 1 && top_k <= n_blocks, "sfnn_cpu: top_k must be in [1, n_blocks]");
+  at::Tensor out = at::empty({T, top_k}, x.options().dtype(at::kInt));
+  if (T == 0) return out;
+  // Token rows per GEMM: their scores, (rows, n_blocks) fp32, stay within ~256 KiB.
+  const int64_t chunk = std::clamp<int64_t>(int64_t{65536} / n_blocks, 16, 512);
+  at::parallel_for(0, T, chunk, [&](int64_t t_begin, int64_t t_end) {
+    const SingleThreaded single;
+    std::vector<int64_t> keys(static_cast<size_t>(n_blocks));
+    int32_t* o = out.data_ptr<int32_t>();
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += chunk) {
+      const int64_t m = std::min(chunk, t_end - t0);
+      const at::Tensor xs = x.narrow(0, t0, m).to(at::kFloat);
+      const at::Tensor sc = bbar.defined() ? at::addmm(bbar, xs, kbar.t()) : at::mm(xs, kbar.t());
+      const float* sp = sc.data_ptr<float>();
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t b = 0; b < n_blocks; ++b) keys[b] = score_key(sp[i * n_blocks + b], b, n_blocks);
+        std::partial_sort(keys.begin(), keys.begin() + top_k, keys.end(), std::greater<>());
+        for (int64_t j = 0; j < top_k; ++j) {
+          o[(t0 + i) * top_k + j] = static_cast<int32_t>(n_blocks - 1 - (keys[j] & 0xFFFFFFFF));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sfnn_cpu, m) {
@@ -639,4 +690,6 @@ TORCH_LIBRARY(sfnn_cpu, m) {
       "Tensor? key_bias, Tensor? gates, Tensor saved, int block_size, str activation, "
       "bool[] needs, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       &block_ffn_bwd);
+  m.def("select_blocks(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor",
+        &select_blocks);
 }

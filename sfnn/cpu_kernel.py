@@ -152,3 +152,12 @@ def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, blo
                                             [bool(n) for n in needs], bool(deterministic))
     present = (True, True, True, key_bias is not None, gates is not None)
     return tuple(o if (n and p) else None for o, n, p in zip(outs, needs, present, strict=True))
+
+
+def select_blocks(x2d, kbar, bbar, top_k: int):
+    """int32 (T, top_k): the torch path's selection (same packed keys, same ties) in one
+    parallel region: per chunk of tokens a score GEMM and a partial sort per token. x2d: (T,
+    d_model) float32/float16/bfloat16 (float64 stays on the torch path); kbar: (n_blocks,
+    d_model); bbar: (n_blocks,) or None."""
+    _require()
+    return torch.ops.sfnn_cpu.select_blocks(x2d, kbar, bbar, int(top_k))

@@ -42,8 +42,11 @@ FEW_TOKEN_GROUP_BYTES = 8 * 2**20
 
 
 def _cpu_kernel(t: Tensor):
-    """The CPU kernel module when it serves tensors like ``t``, else None."""
-    if t.device.type != "cpu":
+    """The CPU kernel module when it serves tensors like ``t``, else None: plain CPU tensors
+    only, never a torch.func transform's wrapped tensors or a tensor subclass (the transforms'
+    routes call this module for its torch ops)."""
+    if (t.device.type != "cpu" or type(t) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(t)):
         return None
     from . import cpu_kernel
 
@@ -95,6 +98,10 @@ def select_blocks(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int) ->
     inputs are ranked by their float64 scores (a stable sort: the packed keys hold float32).
     """
     n_blocks = kbar.shape[0]
+    if x2d.dtype != torch.float64 and kbar.dtype != torch.float64:
+        kernel = _cpu_kernel(x2d)
+        if kernel is not None:  # the same keys in one parallel region instead of ~10 ops
+            return kernel.select_blocks(x2d, kbar, bbar, top_k)
     scores = block_scores(x2d, kbar, bbar)
     if scores.dtype == torch.float64:
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices

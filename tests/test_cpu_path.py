@@ -279,6 +279,36 @@ def test_kernel_past_65536_tokens(kernel):
     assert_close(y, y_t, name="y")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("T, d, nb, k", [(1, 64, 128, 16), (700, 24, 9, 4), (33, 40, 520, 64)],
+                         ids=["T1-nb128-k16", "T700-nb9-k4-chunks", "T33-nb520-k64"])
+def test_kernel_selects_as_the_torch_path(kernel, monkeypatch, T, d, nb, k, dtype):
+    """The kernel's one-region selection gives the torch path's indices: exactly on exact
+    (integer) scores with many ties and on rows of NaN or inf, and the same top scores, best
+    first, on random data (the score GEMMs may round differently)."""
+    gen = _gen(T + nb)
+    xi = torch.randint(-2, 3, (T, d), generator=gen).to(dtype)
+    ki = torch.randint(-2, 3, (nb, d), generator=gen).float()
+    bi = torch.randint(-2, 3, (nb,), generator=gen).float()
+    xi[0, 0] = float("nan")
+    if T > 1:
+        xi[1] = float("inf")
+    got = torch_path.select_blocks(xi, ki, bi, k)
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    want = torch_path.select_blocks(xi, ki, bi, k)
+    assert torch.equal(got, want)
+    x = torch.randn(T, d, generator=gen).to(dtype)
+    kbar = torch.randn(nb, d, generator=gen) / d ** 0.5
+    want = torch_path.select_blocks(x, kbar, None, k)
+    monkeypatch.undo()
+    got = kernel.select_blocks(x, kbar, None, k)
+    s = x.float() @ kbar.t()
+    got_s, want_s = s.gather(1, got.long()), s.gather(1, want.long())
+    assert_close(got_s, want_s, atol=1e-5, rtol=1e-5, name="selected scores")
+    assert bool((got_s[:, 1:] <= got_s[:, :-1] + 1e-5).all())
+
+
 def test_kernel_rejects_bad_indices(kernel):
     x, keys, values, _, _ = make_problem(2, 8, 16, bias=False)
     bad = torch.tensor([[0, 4], [1, 2]], dtype=torch.int32)  # 4 blocks of 4
