@@ -307,9 +307,10 @@ def block_ffn_composite(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tens
     (forward-mode AD, ``torch.func.grad``/``jvp``, double backward), not for speed.
     ``indices`` is int32 (T, top_k); ``gates`` (T, top_k) in the accumulation dtype or None.
     """
-    y, _, _ = torch_path.block_ffn_fwd(
+    # the grouped loop of torch ops: the CPU kernel and the few-token path are not differentiable
+    y, _, _ = torch_path.grouped_block_ffn_fwd(
         x2d, keys, values, indices, key_bias, out_bias, gates, block_size=block_size,
-        activation=activation, save_for_backward=False, deterministic=True)
+        activation=activation, save_for_backward=False)
     return y
 
 

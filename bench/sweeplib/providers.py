@@ -185,6 +185,30 @@ register(Provider("gather", _gather, style={"ls": "-.", "marker": "^"},
                       "copies fit in 512 MiB (decoding)"))
 register(_sfnn_backend("torch", style={"ls": "-", "marker": "o"},
                        doc='`sfnn.sparse_ffn(..., backend="torch")`'))
+def _torch_nokernel(pb: Problem) -> tuple:
+    """``backend="torch"`` with the CPU kernel turned off for the call: the pure-PyTorch path
+    (the few-token path for short decodes), what users without a C++ compiler get."""
+    from sfnn import torch_path
+
+    f, params = sfnn_build(pb, backend="torch")
+
+    def nokernel(x):
+        saved = torch_path._cpu_kernel
+        torch_path._cpu_kernel = lambda t: None
+        try:
+            return f(x)
+        finally:
+            torch_path._cpu_kernel = saved
+
+    return nokernel, params
+
+
+register(Provider("torch-nokernel", _torch_nokernel,
+                  unavailable=lambda device: ("the CPU kernel is CPU-only" if device != "cpu"
+                                              else sfnn_unavailable("torch", device)),
+                  style={"ls": ":", "marker": "x"},
+                  doc='`backend="torch"` with the CPU kernel off (`SFNN_CPU_KERNEL=0`): the '
+                      "pure-PyTorch path"))
 register(_sfnn_backend("triton", style={"ls": "-", "marker": "D"},
                        doc='`backend="triton"`, CUDA tensors only'))
 register(_sfnn_backend("cuda", runs_on=lambda case: case.mode == "decode",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .cases import Case
+from .contention import contention
 from .cost import cost_model
 from .measure import (
     PEAK_MEMORY,
@@ -44,8 +45,15 @@ from .report import (
 
 def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
              meta: dict, log: Callable, notes: list) -> list:
-    """Time every runnable provider of ``case``; return its CSV rows (dicts). A provider that
-    fails on the case is left out, with a line in ``notes``."""
+    """Time every runnable provider of ``case``, with ``case.contention`` busy processes
+    running; return its CSV rows (dicts). A provider that fails on the case is left out, with a
+    line in ``notes``."""
+    with contention(case.contention):
+        return _run_case(case, device, ceilings, reasons, budget_s, meta, log, notes)
+
+
+def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
+              meta: dict, log: Callable, notes: list) -> list:
     case.validate()
     pb = Problem(case, device)
     runners, outputs = {}, {}
@@ -102,7 +110,7 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
             "floor_flops": costs["floor_flops"], "floor_bytes": costs["floor_bytes"],
             "ceiling_tflops": peak_fl, "ceiling_gbs": ceilings.gbs,
             "ceiling_source": ceilings.source, "rel_err": rel, "check": check,
-            "load_1m": load,
+            "load_1m": load, "contention": case.contention,
         })
     return rows
 
@@ -171,7 +179,8 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
             break
         label = (f"[{i + 1}/{len(cases)}] {case.mode} T={case.tokens} d={case.d_model} "
                  f"d_ff={case.d_ff} g={case.block_size} k={case.top_k} "
-                 f"({density_label(case.density)}) {case.dtype} {case.activation}")
+                 f"({density_label(case.density)}) {case.dtype} {case.activation}"
+                 + (f" contention={case.contention}" if case.contention else ""))
         try:
             new = run_case(case, device, ceilings, reasons, budget, meta, log, notes)
         except (Interrupted, KeyboardInterrupt) as err:
@@ -197,7 +206,8 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
         done += 1
         if bar is not None:
             bar.update(1)
-        if case.tag == "acceptance" and (i + 1 == len(cases) or cases[i + 1].tag != "acceptance"):
+        if case.tag == "acceptance" and (i + 1 == len(cases) or cases[i + 1].tag != "acceptance"
+                                         or cases[i + 1].contention != case.contention):
             for line in acceptance_summary(rows):
                 log(line)
         if device == "cuda":
