@@ -592,3 +592,59 @@ def test_block_parallel_refuses_gated_layers():
     ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, gated=True)
     with pytest.raises(NotImplementedError, match="gated"):
         BlockParallelSparseFFN.from_sparse_ffn(ffn)
+
+
+# -- the sweep's gated cases -------------------------------------------------------------------
+
+def test_sweep_gated_cases_run_and_check(tmp_path):
+    """A gated case: 'dense' is the dense gated FFN, 'torch' the gated layer (checked against
+    the gated reference), the summary names the gated targets."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sfnn_bench_sweep_gated",
+                                                  root / "bench" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep
+    spec.loader.exec_module(sweep)
+    from sweeplib.cases import Case  # bench/ is on sys.path once sweep.py is loaded
+    from sweeplib.providers import GatedMLP, Problem
+    from sweeplib.report import acceptance_summary
+    from sweeplib.runner import run_sweep
+
+    for device in ("cpu", "cuda"):
+        cases = sweep.PRESETS["gated"](device)
+        assert cases and all(c.gated for c in cases)
+        for c in cases:
+            c.validate()
+    acc = [c for c in sweep.PRESETS["default"]("cpu") if c.tag == "gated-acceptance"]
+    assert {c.mode for c in acc} == {"forward", "forward+backward"} and all(c.gated for c in acc)
+    case = Case(64, 32, 128, 16, 2, "forward+backward", activation="silu", gated=True,
+                providers=("dense", "naive", "torch"), tag="gated-acceptance", min_reps=2)
+    pb = Problem(case, "cpu")
+    assert isinstance(pb.dense, GatedMLP)
+    with torch.no_grad():
+        want = dense_gated_ffn_ref(pb.x, pb.gate_keys, pb.keys, pb.values, gate_bias=pb.gate_bias,
+                                   key_bias=pb.key_bias, out_bias=pb.out_bias)
+        assert_close(pb.dense(pb.x), want, name="dense gated baseline")
+    threads = torch.get_num_threads()
+    try:
+        rc = run_sweep([case], device="cpu", out_dir=str(tmp_path), preset="gated", budget=2.0,
+                       max_minutes=None, ceilings_how="measured", threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    import csv
+
+    with open(tmp_path / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"dense", "naive", "torch"}
+    assert by["torch"]["check"] == "ok" and by["naive"]["check"] == "ok"
+    assert all(r["gated"] == "True" for r in rows)
+    assert float(by["torch"]["speedup_vs_dense"]) > 0
+    lines = acceptance_summary(rows)
+    assert lines[0].startswith("GATED ACCEPTANCE") and "target >= 2.5x" in lines[1]
+    assert "(gated)" in (tmp_path / "sweep.md").read_text()
