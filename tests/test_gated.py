@@ -648,3 +648,14 @@ def test_sweep_gated_cases_run_and_check(tmp_path):
     lines = acceptance_summary(rows)
     assert lines[0].startswith("GATED ACCEPTANCE") and "target >= 2.5x" in lines[1]
     assert "(gated)" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_blocks_cut_into_several_chunks(monkeypatch, chunk):
+    """The torch path batches each block's pairs in chunks of GATED_CHUNK rows: a block spread
+    over several chunks (padding included) gives the same y and gradients."""
+    monkeypatch.setattr(torch_path, "GATED_CHUNK", chunk)
+    check_gated_block_ffn(23, 12, 48, 8, 3, act="gelu", bias=True, slot_gates=True,
+                          dtype=torch.float32, distinct=False)
+    check_gated_block_ffn(17, 8, 32, 8, 2, act="silu", bias=False, slot_gates=False,
+                          dtype=torch.float64)
