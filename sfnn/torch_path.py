@@ -141,12 +141,18 @@ def block_ffn_fwd(
     x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
     key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None, *,
     block_size: int, activation: str, save_for_backward: bool, deterministic: bool,
+    gate_keys: Tensor | None = None, gate_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (T, d_model) in x's dtype, the selected pre-activations (T*top_k, g) in block order
     when ``save_for_backward`` (else an empty tensor), and an empty route (see
     :func:`route_numel`). Bitwise repeatable run to run, except in the CPU kernel without
     ``deterministic`` (its threads then take blocks as they come; with it, repeatable for a
-    given thread count)."""
+    given thread count). With ``gate_keys`` the gated FFN (:func:`gated_block_ffn_fwd`)."""
+    if gate_keys is not None:  # the CPU kernel has no gated variant (yet): the grouped loop
+        return gated_block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
+                                   block_size=block_size, activation=activation,
+                                   save_for_backward=save_for_backward, gate_keys=gate_keys,
+                                   gate_bias=gate_bias)
     kernel = _cpu_kernel(x2d)
     if kernel is not None:
         y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
@@ -264,18 +270,29 @@ def block_ffn_bwd(
     dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
     key_bias: Tensor | None, gates: Tensor | None, saved: Tensor, route: Tensor, *,
     block_size: int, activation: str, deterministic: bool, needs: tuple[bool, ...],
+    gate_keys: Tensor | None = None, gate_bias: Tensor | None = None,
 ):
-    """(dx, dkeys, dvalues, dkey_bias, dgates float32), each None when ``needs`` (one flag per
-    output) leaves it out; pre-activations come from ``saved`` when the forward kept them, else
-    they are recomputed. Only the GEMMs of the needed gradients run."""
+    """(dx, dkeys, dvalues, dkey_bias, dgates float32, dgate_keys, dgate_bias), each None when
+    ``needs`` (one flag per output, :data:`sfnn.ops.GRAD_NAMES`; the plain FFN's first five are
+    accepted alone) leaves it out; pre-activations come from ``saved`` when the forward kept
+    them, else they are recomputed. Only the GEMMs of the needed gradients run. With
+    ``gate_keys`` the gated FFN's (:func:`gated_block_ffn_bwd`)."""
     del route
+    if gate_keys is not None:
+        return gated_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
+                                   block_size=block_size, activation=activation, needs=needs,
+                                   gate_keys=gate_keys, gate_bias=gate_bias)
+    plain_needs = tuple(needs[:5])
     kernel = _cpu_kernel(x2d)
     if kernel is not None:
-        return kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
-                                    block_size=block_size, activation=activation, needs=needs,
-                                    deterministic=deterministic)
-    return grouped_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
-                                 block_size=block_size, activation=activation, needs=needs)
+        grads = kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
+                                     block_size=block_size, activation=activation,
+                                     needs=plain_needs, deterministic=deterministic)
+    else:
+        grads = grouped_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
+                                      block_size=block_size, activation=activation,
+                                      needs=plain_needs)
+    return tuple(grads) + (None,) * (len(needs) - 5)
 
 
 def grouped_block_ffn_bwd(
@@ -334,3 +351,140 @@ def grouped_block_ffn_bwd(
         dgates[routing.pairs] = dgates_pairs
         dgates = dgates.view(T, -1)
     return (None if dx is None else dx.to(x2d.dtype)), dkeys, dvalues, dkey_bias, dgates
+
+
+# --- gated FFNs (SwiGLU, GeGLU): h_i = act(x . kg_i + bg_i) * (x . ku_i + bu_i) --------------
+
+def _gated_block_tables(keys: Tensor, key_bias: Tensor | None, gate_keys: Tensor,
+                        gate_bias: Tensor | None, rows: slice):
+    """A block's two key tables as one (2g, d_model) matrix ``[gate; up]`` and its bias (2g,)
+    (zeros for an absent one; None when both are absent): one GEMM gives ``[A_gate | A_up]``."""
+    w = torch.cat((gate_keys[rows], keys[rows]))
+    if key_bias is None and gate_bias is None:
+        return w, None
+    g = rows.stop - rows.start
+    bg = gate_bias[rows] if gate_bias is not None else keys.new_zeros(g)
+    bu = key_bias[rows] if key_bias is not None else keys.new_zeros(g)
+    return w, torch.cat((bg, bu))
+
+
+def gated_block_ffn_fwd(
+    x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
+    key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None, *,
+    block_size: int, activation: str, save_for_backward: bool, gate_keys: Tensor,
+    gate_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gated block FFN as a loop of ATen ops over the selected blocks.
+
+    ``y_t = sum_j gates[t, j] * sum_{i in block indices[t, j]} act(x_t . kg_i + bg_i)
+    * (x_t . ku_i + bu_i) v_i + out_bias``: ``keys``/``key_bias`` (d_ff, d_model)/(d_ff,) are
+    the up table, ``gate_keys``/``gate_bias`` the gate table. Per block one GEMM of the
+    gathered tokens with ``[gate; up]`` (2g rows) gives both pre-activations, then
+    ``act(A_gate) * A_up`` times the block's values. Returns y (T, d_model) in x's dtype,
+    ``saved`` (T*top_k, 2g) = ``[A_gate | A_up]`` per (token, slot) pair in block order when
+    ``save_for_backward`` (else empty), and an empty route. Differentiable torch ops only (the
+    op layer's composite route differentiates it)."""
+    T, d_model = x2d.shape
+    g = block_size
+    routing = _Routing(indices, keys.shape[0] // g)
+    acc = _acc_dtype(x2d.dtype)
+    y = torch.zeros(T, d_model, dtype=acc, device=x2d.device)
+    if out_bias is not None:
+        y += out_bias
+    saved = x2d.new_empty(routing.pairs.numel(), 2 * g) if save_for_backward \
+        else x2d.new_empty(0)
+    pair_gates = None if gates is None else gates.reshape(-1)[routing.pairs]
+    for b, s, e in routing.spans:
+        rows = slice(b * g, (b + 1) * g)
+        tok = routing.tokens[s:e]
+        xb = x2d.index_select(0, tok)  # [n, d_model]
+        w, bias = _gated_block_tables(keys, key_bias, gate_keys, gate_bias, rows)
+        pre = xb @ w.t() if bias is None else torch.addmm(bias, xb, w.t())  # [n, 2g]
+        if save_for_backward:
+            saved[s:e] = pre
+        h = apply_activation(pre[:, :g], activation) * pre[:, g:]
+        if pair_gates is not None:
+            h = h * pair_gates[s:e, None].to(h.dtype)
+        y.index_add_(0, tok, (h @ values[rows]).to(acc))
+    return y.to(x2d.dtype), saved, indices.new_empty(0)
+
+
+def gated_block_ffn_bwd(
+    dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
+    key_bias: Tensor | None, gates: Tensor | None, saved: Tensor, *,
+    block_size: int, activation: str, needs: tuple[bool, ...], gate_keys: Tensor,
+    gate_bias: Tensor | None = None,
+):
+    """The gated FFN's backward as a loop of ATen ops over the selected blocks: (dx, dkeys,
+    dvalues, dkey_bias, dgates float32, dgate_keys, dgate_bias), each None unless ``needs``
+    (seven flags, :data:`sfnn.ops.GRAD_NAMES`) asks for it. ``saved`` is the forward's
+    (T*top_k, 2g) ``[A_gate | A_up]`` or empty (then recomputed). With ``H = act(A_g) * A_u``
+    and ``dH = dy V_b^T`` (times the slot's gate): ``dA_u = dH * act(A_g)``,
+    ``dA_g = dH * A_u * act'(A_g)``; only the GEMMs of the needed gradients run."""
+    need_dx, need_dk, need_dv, need_dkb, need_dg, need_dgk, need_dgb = needs
+    need_dau = need_dx or need_dk or need_dkb
+    need_dag = need_dx or need_dgk or need_dgb
+    T, d_model = x2d.shape
+    g = block_size
+    routing = _Routing(indices, keys.shape[0] // g)
+    acc = _acc_dtype(x2d.dtype)
+    dx = torch.zeros(T, d_model, dtype=acc, device=x2d.device) if need_dx else None
+    dkeys = torch.zeros_like(keys) if need_dk else None
+    dgate_keys = torch.zeros_like(gate_keys) if need_dgk else None
+    dvalues = torch.zeros_like(values) if need_dv else None
+    dkey_bias = torch.zeros_like(key_bias) if need_dkb else None
+    dgate_bias = torch.zeros_like(gate_bias) if need_dgb else None
+    dgates_pairs = None
+    if need_dg:
+        dgates_pairs = torch.zeros(routing.pairs.numel(), dtype=acc, device=x2d.device)
+    pair_gates = None if gates is None else gates.reshape(-1)[routing.pairs]
+    for b, s, e in routing.spans:
+        rows = slice(b * g, (b + 1) * g)
+        tok = routing.tokens[s:e]
+        dyb = dy.index_select(0, tok)  # [n, d_model]
+        need_xb = need_dk or need_dgk or not saved.numel()
+        xb = x2d.index_select(0, tok) if need_xb else None  # [n, d_model]
+        w = None
+        if saved.numel():
+            pre = saved[s:e]
+        else:
+            w, bias = _gated_block_tables(keys, key_bias, gate_keys, gate_bias, rows)
+            pre = xb @ w.t() if bias is None else torch.addmm(bias, xb, w.t())
+        a_g, a_u = pre[:, :g], pre[:, g:]
+        act_g = apply_activation(a_g, activation)
+        h = act_g * a_u if (need_dv or need_dg) else None  # [n, g]
+        dh = dyb @ values[rows].t() if (need_dau or need_dag or need_dg) else None
+        if pair_gates is not None:
+            gate = pair_gates[s:e, None].to(pre.dtype)
+            if need_dg:
+                dgates_pairs[s:e] = (h * dh).sum(1, dtype=acc)
+            h = None if h is None else h * gate
+            dh = None if dh is None else dh * gate
+        if need_dv:
+            dvalues[rows] = h.t() @ dyb
+        if not (need_dau or need_dag):
+            continue
+        da_u = dh * act_g
+        da_g = dh * a_u * activation_grad(a_g, activation)
+        if need_dgk and need_dk:
+            dw = torch.cat((da_g, da_u), 1).t() @ xb  # [2g, d_model]
+            dgate_keys[rows], dkeys[rows] = dw[:g], dw[g:]
+        elif need_dgk:
+            dgate_keys[rows] = da_g.t() @ xb
+        elif need_dk:
+            dkeys[rows] = da_u.t() @ xb
+        if need_dkb:
+            dkey_bias[rows] = da_u.sum(0, dtype=acc)
+        if need_dgb:
+            dgate_bias[rows] = da_g.sum(0, dtype=acc)
+        if need_dx:
+            if w is None:
+                w = torch.cat((gate_keys[rows], keys[rows]))
+            dx.index_add_(0, tok, (torch.cat((da_g, da_u), 1) @ w).to(acc))
+    dgates = None
+    if dgates_pairs is not None:
+        dgates = torch.empty_like(dgates_pairs)
+        dgates[routing.pairs] = dgates_pairs
+        dgates = dgates.view(T, -1)
+    return ((None if dx is None else dx.to(x2d.dtype)), dkeys, dvalues, dkey_bias, dgates,
+            dgate_keys, dgate_bias)

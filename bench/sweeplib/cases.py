@@ -28,6 +28,7 @@ class Case:
     tag: str = ""
     min_reps: int = 5  # CPU: timed rounds at least (more when they fit the per-case budget)
     contention: int = 0  # CPU-bound processes running while it is timed (contention.py)
+    gated: bool = False  # a gated FFN (issue 11): "dense" is then the dense gated FFN
 
     @property
     def n_blocks(self) -> int:
@@ -73,8 +74,13 @@ def grid(tokens, d_models, ffn_mult, block_sizes, densities, modes, **kw) -> lis
     return cases
 
 
+# The paper's selection methods (issue 10) beside Avg-K on the torch path.
+SELECTION_PROVIDERS = ("torch", "switch", "moe", "hash", "random")
+
 ACCEPTANCE = dict(tokens=4096, d_model=512, d_ff=8192, block_size=64, top_k=16, dtype="float32",
                   activation="gelu")
+# Issue 11: the gated FFN (SwiGLU) at the acceptance shape, against the dense gated FFN.
+GATED_ACCEPTANCE = {**ACCEPTANCE, "activation": "silu", "gated": True}
 
 
 def preset_default(device: str) -> list:
@@ -92,9 +98,15 @@ def preset_default(device: str) -> list:
                                   providers=("dense", "torch"), min_reps=3))
         cases.append(Case(**ACCEPTANCE, mode="forward", providers=("dense", "naive", "torch"),
                           min_reps=3))
+        for mode in ("forward", "forward+backward"):  # issue 10: selection cost beside Avg-K
+            cases.append(Case(**ACCEPTANCE, mode=mode, providers=SELECTION_PROVIDERS,
+                              tag="selection", min_reps=3))
         for t in (1, 8):
             cases.append(Case(t, 512, 8192, 64, 16, "decode",
                               providers=("dense", "naive", "gather", "torch")))
+        for mode in ("forward", "forward+backward"):  # issue 11: the gated row
+            cases.append(Case(**GATED_ACCEPTANCE, mode=mode, providers=("dense", "torch"),
+                              tag="gated-acceptance", min_reps=3))
         return cases
     # GPU: ordered by value per second, as --max-minutes may cut the tail. Each new block size
     # or dtype costs Triton autotuning (compiles), so the g=64 bf16 cases come first.
@@ -119,6 +131,9 @@ def preset_default(device: str) -> list:
                               mode=mode, providers=fast))
     cases.append(Case(4096, 2048, 8192, 64, 16, "forward", dtype="float32", activation="gelu",
                       providers=fast))
+    for mode in ("forward", "forward+backward"):
+        cases.append(Case(**{**ACCEPTANCE, "dtype": "bfloat16"}, mode=mode,
+                          providers=("triton",) + SELECTION_PROVIDERS[1:], tag="selection"))
     return cases
 
 
@@ -184,6 +199,20 @@ def preset_decode(device: str) -> list:
             for dtype in ("bfloat16", "float32") for t in (1, 8)]
 
 
+def preset_gated(device: str) -> list:
+    """Gated FFNs (issue 11): the SwiGLU layer against the dense gated FFN
+    (``down(silu(gate(x)) * up(x))``), forward and forward+backward. On the CPU at the
+    acceptance shape, idle and with one busy process (targets >= 3x and >= 2.5x); on CUDA in
+    bf16 at the headline shape (Triton has no gated path yet: it is skipped with the reason)."""
+    train = ("forward", "forward+backward")
+    if device == "cpu":
+        return [Case(**GATED_ACCEPTANCE, mode=m, providers=("dense", "torch"),
+                     tag="gated-acceptance", min_reps=7, contention=busy)
+                for busy in (0, 1) for m in train]
+    return [Case(4096, 2048, 8192, 64, 16, m, dtype="bfloat16", activation="silu", gated=True,
+                 providers=("dense", "torch", "triton"), tag="gated") for m in train]
+
+
 PRESETS = {"default": preset_default, "quick": preset_quick, "smoke": preset_smoke,
-           "full": preset_full, "decode": preset_decode}
+           "full": preset_full, "decode": preset_decode, "gated": preset_gated}
 

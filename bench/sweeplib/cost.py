@@ -12,18 +12,23 @@ def cost_model(case: Case, distinct_blocks: int) -> dict:
     kbar (one pass over keys: the weights change every training step). floor_bytes: x and y once,
     kbar once, each distinct selected block's key and value rows once, the indices, and the
     combine: top_k partial outputs per token written and read back (dx likewise in backward).
+    A gated case has three tables: 1.5x the GEMM FLOPs (sparse and dense) and the gate rows'
+    bytes too.
     """
     T, d, g, k = case.tokens, case.d_model, case.block_size, case.top_k
     es = ELEMENT_SIZE[case.dtype]
     nb = case.n_blocks
     block_rows = distinct_blocks * g
-    gemm_fwd = 4 * T * d * k * g
+    tables = 3 if case.gated else 2  # key tables + the value table
+    gemm_fwd = 2 * tables * T * d * k * g
     scoring = 2 * T * d * nb
     kbar_flops = case.d_ff * d
     combine = 2 * T * k * d * es
-    fwd_bytes = 2 * T * d * es + nb * (d + 1) * 4 + 2 * block_rows * d * es + block_rows * es \
+    fwd_bytes = 2 * T * d * es + nb * (d + 1) * 4 + tables * block_rows * d * es \
+        + (tables - 1) * block_rows * es \
         + combine + 2 * T * k * 4
-    bwd_bytes = 3 * T * d * es + 4 * block_rows * d * es + 2 * block_rows * es + combine \
+    bwd_bytes = 3 * T * d * es + 2 * tables * block_rows * d * es \
+        + 2 * (tables - 1) * block_rows * es + combine \
         + T * k * 4
     kbar_bytes = case.d_ff * (d + 1) * es
     if case.mode == "forward":
@@ -36,7 +41,7 @@ def cost_model(case: Case, distinct_blocks: int) -> dict:
         nbytes = fwd_bytes + kbar_bytes + bwd_bytes
     else:  # decode: kbar cached
         useful, flops, nbytes = gemm_fwd, gemm_fwd + scoring, fwd_bytes
-    dense_fwd = 4 * T * d * case.d_ff
+    dense_fwd = 2 * tables * T * d * case.d_ff
     dense = {"forward": dense_fwd, "backward": 2 * dense_fwd, "forward+backward": 3 * dense_fwd,
              "decode": dense_fwd}[case.mode]
     return {"useful_flops": useful, "floor_flops": flops, "floor_bytes": nbytes,

@@ -77,7 +77,7 @@ def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget
         with torch.no_grad():
             ref = sparse_ffn_ref(pb.x, pb.keys, pb.values, block_size=case.block_size,
                                  top_k=case.top_k, key_bias=pb.key_bias, out_bias=pb.out_bias,
-                                 activation=case.activation)
+                                 activation=case.activation, **pb.gated_kwargs())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     times = TIMERS[device](runners, budget_s, min_reps=case.min_reps)
     mem = {p: PEAK_MEMORY[device](fn) for p, fn in runners.items()}
@@ -110,7 +110,7 @@ def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget
             "floor_flops": costs["floor_flops"], "floor_bytes": costs["floor_bytes"],
             "ceiling_tflops": peak_fl, "ceiling_gbs": ceilings.gbs,
             "ceiling_source": ceilings.source, "rel_err": rel, "check": check,
-            "load_1m": load, "contention": case.contention,
+            "load_1m": load, "contention": case.contention, "gated": case.gated,
         })
     return rows
 
@@ -206,8 +206,9 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
         done += 1
         if bar is not None:
             bar.update(1)
-        if case.tag == "acceptance" and (i + 1 == len(cases) or cases[i + 1].tag != "acceptance"
-                                         or cases[i + 1].contention != case.contention):
+        if case.tag in ("acceptance", "gated-acceptance") and (
+                i + 1 == len(cases) or cases[i + 1].tag != case.tag
+                or cases[i + 1].contention != case.contention):
             for line in acceptance_summary(rows):
                 log(line)
         if device == "cuda":
