@@ -240,12 +240,23 @@ def test_gated_kernel_matches_the_reference(kernel, T, d, nb, g, k, dtype, activ
         if bias:
             a_g, a_u = a_g + gate_bias.double()[rows], a_u + key_bias.double()[rows]
         assert_close(saved, torch.cat([a_g, a_u], 1), atol=atol, rtol=rtol, name=f"saved {name}")
+        # the pure-torch gated path gives the same
+        y_t, saved_t, _ = torch_path.gated_block_ffn_fwd(
+            x, keys, values, indices, key_bias, out_bias, gates, save_for_backward=True, **kw,
+            **gk)
+        assert_close(y, y_t, atol=atol, rtol=rtol, name=f"y vs torch path {name}")
+        assert_close(saved, saved_t, atol=atol, rtol=rtol, name=f"saved vs torch path {name}")
         needs = (True, True, True, bias, gated, True, bias)
+        want_t = torch_path.gated_block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates,
+                                                saved_t, needs=needs, **kw, **gk)
         for sv in (saved, x.new_empty(0)):
             got = kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, sv,
                                        needs=needs, **kw, **gk)
             assert len(got) == 7
-            for gname, a, b in zip(GATED_GRADS, got, g_ref, strict=True):
+            for gname, a, b, c in zip(GATED_GRADS, got, g_ref, want_t, strict=True):
+                assert (c is None) == (b is None), gname
+                if c is not None and dtype != torch.bfloat16:
+                    assert_close(a, c, atol=atol, rtol=rtol, name=f"{gname} vs torch path")
                 assert (a is None) == (b is None), gname
                 if a is not None:
                     assert a.shape == b.shape and (gname == "dgates" or a.dtype == dtype), gname
@@ -468,6 +479,32 @@ def test_torch_backend_dispatch(monkeypatch):
     torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
                              save_for_backward=False, **kw)
     assert calls[-1] == "kernel"
+    # gated calls take the kernel's gated variant when it is there, else the gated loop
+    seen = {}
+
+    class GatedSpy:
+        @staticmethod
+        def block_ffn_fwd(*a, **k):
+            seen["fwd"] = k["gate_keys"] is keys
+            return torch.zeros(3, 16), torch.empty(0)
+
+        @staticmethod
+        def block_ffn_bwd(*a, **k):
+            seen["bwd"] = (k["gate_keys"] is keys, len(k["needs"]))
+            return (None,) * 7
+
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: GatedSpy)
+    torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
+                             save_for_backward=True, gate_keys=keys, **kw)
+    torch_path.block_ffn_bwd(x, x, keys, values, indices, key_bias, None, x.new_empty(0), None,
+                             needs=(True,) * 7, gate_keys=keys, **kw)
+    assert seen == {"fwd": True, "bwd": (True, 7)}
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    monkeypatch.setattr(torch_path, "gated_block_ffn_fwd",
+                        lambda *a, **k: calls.append("gated") or (None, None, None))
+    torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
+                             save_for_backward=False, gate_keys=keys, **kw)
+    assert calls[-1] == "gated"
 
 
 AVAILABILITY = """
