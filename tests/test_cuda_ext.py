@@ -733,8 +733,8 @@ else:
 import sfnn.cuda_ext
 assert str(torch.ops.sfnn.decode_select.default._schema) == (
     "sfnn::decode_select(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor")
-assert "Tensor? gates, int block_size, str activation) -> Tensor" in str(
-    torch.ops.sfnn.decode_ffn.default._schema)
+assert ("Tensor? gates, int block_size, str activation, Tensor? gate_keys=None, "
+        "Tensor? gate_bias=None) -> Tensor") in str(torch.ops.sfnn.decode_ffn.default._schema)
 assert "int top_k, int block_size, str activation) -> (Tensor, Tensor)" in str(
     torch.ops.sfnn.decode_step.default._schema)
 assert hasattr(torch.ops.sfnn, "block_ffn")  # the op layer's Python ops share the namespace
@@ -744,6 +744,8 @@ idx = torch.ops.sfnn.decode_select(x, torch.empty(8, 64, device="meta"), None, 4
 assert idx.shape == (3, 4) and idx.dtype == torch.int32
 w = torch.empty(32, 64, device="meta", dtype=torch.bfloat16)
 y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "relu")
+assert y.shape == (3, 64) and y.dtype == torch.bfloat16
+y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "silu", w, None)  # gated
 assert y.shape == (3, 64) and y.dtype == torch.bfloat16
 kb = torch.empty(4, 64, device="meta", dtype=torch.bfloat16)
 y, idx = torch.ops.sfnn.decode_step(x, kb, None, w, w, None, None, 2, 8, "gelu")
@@ -826,6 +828,34 @@ def test_cuda_decode_ffn(T, d_model, dtype, activation, bias, gated):
     atol, rtol = TOLERANCES[dtype]
     assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="y")
     assert torch.equal(y, sfnn.cuda_ext.decode_ffn(*cuda, block_size=g, activation=activation))
+
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 3, 15])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cuda_decode_gated_ffn(T, dtype, activation, bias):
+    """sfnn::decode_ffn with gate_keys/gate_bias (the gated FFN) on a GPU, against the float64
+    gated reference."""
+    gen = _gen(T + 7)
+    nb, g, k, d_model = 12, 16, 4, 96
+    d_ff = nb * g
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    gate_keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    gate_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype) if bias else None
+    key_bias, out_bias = (key_bias, out_bias) if bias else (None, None)
+    gates = torch.rand(T, k, generator=gen)
+    indices = _indices(T, nb, k, gen, duplicates=T % 2 == 1)
+    cuda = [None if t is None else t.cuda() for t in (x, keys, values, indices, key_bias,
+                                                      out_bias, gates, gate_keys, gate_bias)]
+    y = sfnn.cuda_ext.decode_ffn(*cuda[:7], block_size=g, activation=activation,
+                                 gate_keys=cuda[7], gate_bias=cuda[8])
+    ref = _gated_ffn_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias,
+                         gates, g, activation)
+    atol, rtol = TOLERANCES[dtype]
+    assert y.dtype == dtype
+    assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="gated y")
 
 
 @needs_ext
