@@ -3,7 +3,9 @@
 //
 //   sfnn::decode_select(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor
 //   sfnn::decode_ffn(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias,
-//                    Tensor? out_bias, Tensor? gates, int block_size, str activation) -> Tensor
+//                    Tensor? out_bias, Tensor? gates, int block_size, str activation,
+//                    Tensor? gate_keys=None, Tensor? gate_bias=None) -> Tensor
+//                    (with gate_keys: the gated FFN, act(x.kg + bg) * (x.k + b))
 //   sfnn::decode_step(Tensor x, Tensor kbar, Tensor? bbar, Tensor keys, Tensor values,
 //                     Tensor? key_bias, Tensor? out_bias, int top_k, int block_size,
 //                     str activation) -> (Tensor, Tensor)
@@ -198,7 +200,9 @@ at::Tensor decode_ffn(const at::Tensor& x_in, const at::Tensor& keys_in,
                       const std::optional<at::Tensor>& key_bias_in,
                       const std::optional<at::Tensor>& out_bias_in,
                       const std::optional<at::Tensor>& gates_in, int64_t block_size,
-                      c10::string_view activation) {
+                      c10::string_view activation,
+                      const std::optional<at::Tensor>& gate_keys_in,
+                      const std::optional<at::Tensor>& gate_bias_in) {
   constexpr const char* op = "sfnn::decode_ffn";
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
   const at::Tensor x = rows_view(x_in, op, "x");
@@ -220,6 +224,18 @@ at::Tensor decode_ffn(const at::Tensor& x_in, const at::Tensor& keys_in,
   const int64_t top_k = indices.size(1);
   const at::Tensor key_bias = bias_vector(key_bias_in, x, d_ff, op, "key_bias", "d_ff");
   const at::Tensor out_bias = bias_vector(out_bias_in, x, d_model, op, "out_bias", "d_model");
+  TORCH_CHECK(gate_keys_in.has_value() || !gate_bias_in.has_value(), op,
+              ": gate_bias without gate_keys");
+  at::Tensor gate_keys;
+  if (gate_keys_in.has_value()) {
+    check_on_device(*gate_keys_in, x, op, "gate_keys");
+    TORCH_CHECK(gate_keys_in->scalar_type() == x.scalar_type() &&
+                    gate_keys_in->sizes() == keys.sizes(),
+                op, ": gate_keys must be like keys (", keys.sizes(), ", ", x.scalar_type(),
+                "), got ", gate_keys_in->sizes(), " ", gate_keys_in->scalar_type());
+    gate_keys = rows_view(*gate_keys_in, op, "gate_keys");
+  }
+  const at::Tensor gate_bias = bias_vector(gate_bias_in, x, d_ff, op, "gate_bias", "d_ff");
   at::Tensor gates;
   if (gates_in.has_value()) {
     check_on_device(*gates_in, x, op, "gates");
@@ -241,14 +257,17 @@ at::Tensor decode_ffn(const at::Tensor& x_in, const at::Tensor& keys_in,
   const at::Tensor ws = workspace(
       sfnn_decode_ffn_workspace_bytes(T, top_k, block_size, d_model, x.get_device()), x, op);
   check_launch(
-      sfnn_decode_ffn(x.data_ptr(), row_stride(x), keys.data_ptr(), row_stride(keys),
-                      values.data_ptr(), row_stride(values), indices.data_ptr<int32_t>(),
-                      row_stride(indices), key_bias.defined() ? key_bias.data_ptr() : nullptr,
-                      out_bias.defined() ? out_bias.data_ptr() : nullptr,
-                      gates.defined() ? gates.data_ptr<float>() : nullptr,
-                      gates.defined() ? row_stride(gates) : 0, y.data_ptr(), y.stride(0), dtype,
-                      act, T, top_k, n_blocks, block_size, d_model, ws.data_ptr(),
-                      static_cast<size_t>(ws.numel()), current_cuda_stream(x.device())),
+      sfnn_decode_ffn_gated(
+          x.data_ptr(), row_stride(x), keys.data_ptr(), row_stride(keys), values.data_ptr(),
+          row_stride(values), indices.data_ptr<int32_t>(), row_stride(indices),
+          key_bias.defined() ? key_bias.data_ptr() : nullptr,
+          out_bias.defined() ? out_bias.data_ptr() : nullptr,
+          gates.defined() ? gates.data_ptr<float>() : nullptr,
+          gates.defined() ? row_stride(gates) : 0, y.data_ptr(), y.stride(0), dtype, act, T,
+          top_k, n_blocks, block_size, d_model, ws.data_ptr(), static_cast<size_t>(ws.numel()),
+          current_cuda_stream(x.device()), gate_keys.defined() ? gate_keys.data_ptr() : nullptr,
+          gate_keys.defined() ? row_stride(gate_keys) : 0,
+          gate_bias.defined() ? gate_bias.data_ptr() : nullptr),
       op);
   return y;
 }
@@ -303,7 +322,8 @@ TORCH_LIBRARY_FRAGMENT(sfnn, m) {
   m.def("decode_select(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor");
   m.def(
       "decode_ffn(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias, "
-      "Tensor? out_bias, Tensor? gates, int block_size, str activation) -> Tensor");
+      "Tensor? out_bias, Tensor? gates, int block_size, str activation, "
+      "Tensor? gate_keys=None, Tensor? gate_bias=None) -> Tensor");
   m.def(
       "decode_step(Tensor x, Tensor kbar, Tensor? bbar, Tensor keys, Tensor values, "
       "Tensor? key_bias, Tensor? out_bias, int top_k, int block_size, str activation) "

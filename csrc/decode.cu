@@ -47,7 +47,8 @@
 //   token's first to do so (a flag C reads instead of comparing indices).
 //   Phase 1, keys: a warp per row; each lane reads 16 bytes of the key row per step and of each
 //   listed token's x row, one fp32 dot product per token; a warp butterfly gives
-//   h = gate * act(x . k + b) into shared memory.
+//   h = gate * act(x . k + b) into shared memory (gated FFN: the warp then reads the gate row
+//   the same way and h = gate * act(x . kg + bg) * (x . k + b)).
 //   Phase 2, values: a thread per 16-byte column vector of the value rows, looping over the
 //   chunk's rows, accumulating h * v for each listed token in fp32 registers (8 tokens x 8
 //   columns). Each (token, block, chunk) partial row goes to an fp32 workspace row at the token's
@@ -237,6 +238,9 @@ struct Params {
   const void* values;
   int64_t v_stride;
   const void* key_bias;
+  const void* gate_keys;  // gated FFN: the gate table (act applies to it), or nullptr
+  int64_t gk_stride;
+  const void* gate_bias;
   const void* out_bias;
   const float* gates;
   int64_t gate_stride;
@@ -506,6 +510,45 @@ constexpr int kValueUnroll = 4;
 constexpr size_t kFfnFixedSmem = (8 + 8 + 4) * kThreads + 4 * kWarps;
 static_assert(kFfnFixedSmem % 16 == 0, "h stays 16-byte aligned");
 
+// Phase 1's dot products: lane q < m gets x[q] . row for the m (<= kFfnTokens) tokens p_x, a
+// warp reading the row once (V-element vectors, then a scalar tail from c_vec_end).
+template <typename TX, int V>
+__device__ __forceinline__ float warp_row_dots(const TX* p_k, const TX* const* p_x, int m,
+                                               int64_t c_vec_end, int64_t d_model, int lane) {
+  float acc[kFfnTokens];
+#pragma unroll
+  for (int q = 0; q < kFfnTokens; ++q) acc[q] = 0.f;
+#pragma unroll 2
+  for (int64_t c = static_cast<int64_t>(lane) * V; c < c_vec_end;
+       c += static_cast<int64_t>(kWarp) * V) {
+    float b_k[V];
+    load_vec<TX, V>(p_k + c, b_k);
+#pragma unroll
+    for (int q = 0; q < kFfnTokens; ++q) {
+      if (q < m) {
+        float b_x[V];
+        load_vec<TX, V>(p_x[q] + c, b_x);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[q] = fmaf(b_k[e], b_x[e], acc[q]);
+      }
+    }
+  }
+  for (int64_t c = c_vec_end + lane; c < d_model; c += kWarp) {
+    const float b_k = to_float(__ldg(p_k + c));
+#pragma unroll
+    for (int q = 0; q < kFfnTokens; ++q) {
+      if (q < m) acc[q] = fmaf(b_k, to_float(__ldg(p_x[q] + c)), acc[q]);
+    }
+  }
+  float mine = 0.f;
+#pragma unroll
+  for (int q = 0; q < kFfnTokens; ++q) {
+    const float total = warp_sum(acc[q]);
+    if (q == lane) mine = total;
+  }
+  return mine;
+}
+
 template <typename TX, bool VEC>
 __device__ __forceinline__ void ffn_phase(const Params& p, int64_t job, unsigned char* buf) {
   constexpr int V = VEC ? 16 / static_cast<int>(sizeof(TX)) : 1;
@@ -513,6 +556,8 @@ __device__ __forceinline__ void ffn_phase(const Params& p, int64_t job, unsigned
   const TX* __restrict__ keys = static_cast<const TX*>(p.keys);
   const TX* __restrict__ values = static_cast<const TX*>(p.values);
   const TX* __restrict__ key_bias = static_cast<const TX*>(p.key_bias);
+  const TX* __restrict__ gate_keys = static_cast<const TX*>(p.gate_keys);
+  const TX* __restrict__ gate_bias = static_cast<const TX*>(p.gate_bias);
   int64_t* s_tok = reinterpret_cast<int64_t*>(buf);  // [kThreads]
   int64_t* s_slot = s_tok + kThreads;                 // [kThreads]
   float* s_w = reinterpret_cast<float*>(s_slot + kThreads);  // [kThreads]
@@ -585,42 +630,29 @@ __device__ __forceinline__ void ffn_phase(const Params& p, int64_t job, unsigned
 #pragma unroll
       for (int q = 0; q < kFfnTokens; ++q) p_x[q] = x + s_tok[p0 + (q < m ? q : 0)] * p.x_stride;
 
-      // Phase 1: a warp per key row, h for the m tokens.
+      // Phase 1: a warp per key row, h for the m tokens. Gated: a second pass over the same
+      // rows (each lane owns the same h cells) reads the gate rows, h = act(x . kg + bg) *
+      // (x . k + b); two loops keep one set of partial sums live (one loop spills on sm_80).
+      const bool gated = gate_keys != nullptr;
       for (int r = warp; r < nrows; r += kWarps) {
-        const TX* p_k = keys + (row_begin + r) * p.k_stride;
-        float acc[kFfnTokens];
-#pragma unroll
-        for (int q = 0; q < kFfnTokens; ++q) acc[q] = 0.f;
-#pragma unroll 2
-        for (int64_t c = static_cast<int64_t>(lane) * V; c < c_vec_end;
-             c += static_cast<int64_t>(kWarp) * V) {
-          float b_k[V];
-          load_vec<TX, V>(p_k + c, b_k);
-#pragma unroll
-          for (int q = 0; q < kFfnTokens; ++q) {
-            if (q < m) {
-              float b_x[V];
-              load_vec<TX, V>(p_x[q] + c, b_x);
-#pragma unroll
-              for (int e = 0; e < V; ++e) acc[q] = fmaf(b_k[e], b_x[e], acc[q]);
-            }
+        const float up = warp_row_dots<TX, V>(keys + (row_begin + r) * p.k_stride, p_x, m,
+                                              c_vec_end, d_model, lane) +
+                         (key_bias != nullptr ? to_float(__ldg(key_bias + row_begin + r)) : 0.f);
+        if (lane < m) {
+          s_h[lane * chunk_rows + r] = gated ? up : s_w[p0 + lane] * activate(up, p.act);
+        }
+      }
+      if (gated) {
+        for (int r = warp; r < nrows; r += kWarps) {
+          const float pre_g =
+              warp_row_dots<TX, V>(gate_keys + (row_begin + r) * p.gk_stride, p_x, m, c_vec_end,
+                                   d_model, lane) +
+              (gate_bias != nullptr ? to_float(__ldg(gate_bias + row_begin + r)) : 0.f);
+          if (lane < m) {
+            float* const h = s_h + lane * chunk_rows + r;  // this lane's own cell
+            *h = s_w[p0 + lane] * activate(pre_g, p.act) * *h;
           }
         }
-        for (int64_t c = c_vec_end + lane; c < d_model; c += kWarp) {
-          const float b_k = to_float(__ldg(p_k + c));
-#pragma unroll
-          for (int q = 0; q < kFfnTokens; ++q) {
-            if (q < m) acc[q] = fmaf(b_k, to_float(__ldg(p_x[q] + c)), acc[q]);
-          }
-        }
-        const float bias = key_bias != nullptr ? to_float(__ldg(key_bias + row_begin + r)) : 0.f;
-        float mine = 0.f;
-#pragma unroll
-        for (int q = 0; q < kFfnTokens; ++q) {
-          const float total = warp_sum(acc[q]);
-          if (q == lane) mine = total;
-        }
-        if (lane < m) s_h[lane * chunk_rows + r] = s_w[p0 + lane] * activate(mine + bias, p.act);
       }
       __syncthreads();
 
@@ -1052,13 +1084,13 @@ size_t sfnn_decode_ffn_workspace_bytes(int64_t T, int64_t top_k, int64_t block_s
   return plan.bytes;
 }
 
-cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, int64_t k_stride,
-                            const void* values, int64_t v_stride, const int32_t* indices,
-                            int64_t idx_stride, const void* key_bias, const void* out_bias,
-                            const float* gates, int64_t gate_stride, void* y, int64_t y_stride,
-                            int dtype, int activation, int64_t T, int64_t top_k,
-                            int64_t n_blocks, int64_t block_size, int64_t d_model,
-                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t sfnn_decode_ffn_gated(
+    const void* x, int64_t x_stride, const void* keys, int64_t k_stride, const void* values,
+    int64_t v_stride, const int32_t* indices, int64_t idx_stride, const void* key_bias,
+    const void* out_bias, const float* gates, int64_t gate_stride, void* y, int64_t y_stride,
+    int dtype, int activation, int64_t T, int64_t top_k, int64_t n_blocks, int64_t block_size,
+    int64_t d_model, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+    const void* gate_keys, int64_t gk_stride, const void* gate_bias) {
   Plan plan;
   cudaError_t err =
       make_plan(false, true, T, n_blocks, d_model, top_k, block_size, sm_count(), &plan);
@@ -1068,6 +1100,7 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
       y == nullptr) {
     return fail("x, keys, values, indices and y must not be null");
   }
+  if (gate_keys == nullptr && gate_bias != nullptr) return fail("gate_bias without gate_keys");
   Params prm{};
   prm.x = x;
   prm.x_stride = x_stride;
@@ -1076,6 +1109,9 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
   prm.values = values;
   prm.v_stride = v_stride;
   prm.key_bias = key_bias;
+  prm.gate_keys = gate_keys;
+  prm.gk_stride = gk_stride;
+  prm.gate_bias = gate_bias;
   prm.out_bias = out_bias;
   prm.gates = gates;
   prm.gate_stride = gate_stride;
@@ -1089,8 +1125,23 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
   prm.d_model = d_model;
   prm.top_k = top_k;
   prm.block_size = block_size;
-  const bool vec = ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype);
+  const bool vec = ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype) &&
+                   (gate_keys == nullptr ||
+                    ffn_vec_ok(x, x_stride, gate_keys, gk_stride, values, v_stride, dtype));
   return run(prm, plan, dtype, SFNN_DTYPE_F32, vec, workspace, workspace_bytes, stream);
+}
+
+cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, int64_t k_stride,
+                            const void* values, int64_t v_stride, const int32_t* indices,
+                            int64_t idx_stride, const void* key_bias, const void* out_bias,
+                            const float* gates, int64_t gate_stride, void* y, int64_t y_stride,
+                            int dtype, int activation, int64_t T, int64_t top_k,
+                            int64_t n_blocks, int64_t block_size, int64_t d_model,
+                            void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  return sfnn_decode_ffn_gated(x, x_stride, keys, k_stride, values, v_stride, indices,
+                               idx_stride, key_bias, out_bias, gates, gate_stride, y, y_stride,
+                               dtype, activation, T, top_k, n_blocks, block_size, d_model,
+                               workspace, workspace_bytes, stream, nullptr, 0, nullptr);
 }
 
 size_t sfnn_decode_step_workspace_bytes(int64_t T, int64_t n_blocks, int64_t block_size,

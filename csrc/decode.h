@@ -82,6 +82,22 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
                             int64_t n_blocks, int64_t block_size, int64_t d_model,
                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// (b') The gated FFN's gather-GEMV (forward only), as (b) with
+//
+//   act(x[t] . keys[i] + key_bias[i])  replaced by
+//   act(x[t] . gate_keys[i] + gate_bias[i]) * (x[t] . keys[i] + key_bias[i])
+//
+// gate_keys: (n_blocks * block_size, d_model) of dtype, row stride gk_stride (nullptr: the
+// plain FFN of (b)); gate_bias: (n_blocks * block_size,) of dtype, contiguous, or nullptr (an
+// error without gate_keys). Workspace as (b) (sfnn_decode_ffn_workspace_bytes).
+cudaError_t sfnn_decode_ffn_gated(
+    const void* x, int64_t x_stride, const void* keys, int64_t k_stride, const void* values,
+    int64_t v_stride, const int32_t* indices, int64_t idx_stride, const void* key_bias,
+    const void* out_bias, const float* gates, int64_t gate_stride, void* y, int64_t y_stride,
+    int dtype, int activation, int64_t T, int64_t top_k, int64_t n_blocks, int64_t block_size,
+    int64_t d_model, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+    const void* gate_keys, int64_t gk_stride, const void* gate_bias);
+
 // (a) + (b) in one launch: the decode step of the sparse FFN with cached block means,
 //
 //   indices = top_k blocks of x . kbar + bbar (as (a));  y = block FFN over them (as (b), no

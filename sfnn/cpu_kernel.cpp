@@ -18,6 +18,8 @@
 // Shapes as in sfnn/ops.py's backend protocol: x (T, d_model), keys / values (d_ff, d_model),
 // indices int32 (T, top_k) in [0, n_blocks), key_bias (d_ff,), out_bias (d_model,), gates
 // (T, top_k) in the accumulation dtype; saved pre-activations (T * top_k, g) in block order.
+// A gated FFN (gate_keys (d_ff, d_model), gate_bias (d_ff,)) computes act(x kg^T + bg) *
+// (x k^T + b) and saves [A_gate | A_up], (T * top_k, 2 g) (PLAN.md's gated protocol).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,6 +30,7 @@
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gelu_backward.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/silu_backward.h>
 #include <ATen/ops/threshold_backward.h>
@@ -280,11 +283,12 @@ void axpy_rows(A* const* y, const A* h, const T* v, int64_t d) {
 }
 
 // Block b for the N (<= kGemvGroup) pairs `pairs`: acc[token] += gate * act(x . k + bias) v,
-// saved rows (if any) get the pre-activations in the input dtype.
+// or for a gated FFN (gate_keys given) acc[token] += gate * act(x . kg + bg) (x . k + bias) v;
+// saved rows (if any) get the pre-activations in the input dtype ([A_gate | A_up] when gated).
 template <int N, typename T, typename A>
 void block_gemv(A* acc, const T* x, const T* keys, const T* values, const T* key_bias,
-                const A* gates, const int64_t* pairs, int64_t top_k, int64_t d, int64_t g,
-                int64_t b, Act act, T* saved) {
+                const T* gate_keys, const T* gate_bias, const A* gates, const int64_t* pairs,
+                int64_t top_k, int64_t d, int64_t g, int64_t b, Act act, T* saved) {
   const T* xr[N];
   A* yr[N];
   A gate[N];
@@ -294,14 +298,31 @@ void block_gemv(A* acc, const T* x, const T* keys, const T* values, const T* key
     yr[i] = acc + t * d;
     gate[i] = gates != nullptr ? gates[pairs[i]] : A(1);
   }
+  const int64_t sw = gate_keys != nullptr ? 2 * g : g;  // saved row width
   std::vector<A> h(static_cast<size_t>(N * g));
   for (int64_t r = 0; r < g; ++r) {
     A pre[N];
     dot_rows<N, T, A>(keys + (b * g + r) * d, xr, d, pre);
     const A bias = key_bias != nullptr ? static_cast<A>(key_bias[b * g + r]) : A(0);
+    if (gate_keys != nullptr) {
+      A pre_g[N];
+      dot_rows<N, T, A>(gate_keys + (b * g + r) * d, xr, d, pre_g);
+      const A gbias = gate_bias != nullptr ? static_cast<A>(gate_bias[b * g + r]) : A(0);
+      for (int i = 0; i < N; ++i) {
+        const T pg = static_cast<T>(pre_g[i] + gbias), pu = static_cast<T>(pre[i] + bias);
+        if (saved != nullptr) {
+          saved[i * sw + r] = pg;
+          saved[i * sw + g + r] = pu;
+        }
+        const T a = static_cast<T>(activate_scalar<A>(static_cast<A>(pg), act));
+        h[static_cast<size_t>(r * N + i)] =
+            gate[i] * static_cast<A>(static_cast<T>(static_cast<A>(a) * static_cast<A>(pu)));
+      }
+      continue;
+    }
     for (int i = 0; i < N; ++i) {
       const T p = static_cast<T>(pre[i] + bias);
-      if (saved != nullptr) saved[i * g + r] = p;
+      if (saved != nullptr) saved[i * sw + r] = p;
       h[static_cast<size_t>(r * N + i)] = gate[i] * activate_scalar<A>(static_cast<A>(p), act);
     }
   }
@@ -312,18 +333,24 @@ void block_gemv(A* acc, const T* x, const T* keys, const T* values, const T* key
 
 template <typename T, typename A>
 void block_gemv_any(A* acc, const T* x, const T* keys, const T* values, const T* key_bias,
-                    const A* gates, const int64_t* pairs, int64_t n, int64_t top_k, int64_t d,
-                    int64_t g, int64_t b, Act act, T* saved) {
+                    const T* gate_keys, const T* gate_bias, const A* gates,
+                    const int64_t* pairs, int64_t n, int64_t top_k, int64_t d, int64_t g,
+                    int64_t b, Act act, T* saved) {
+  const int64_t sw = gate_keys != nullptr ? 2 * g : g;
   for (int64_t i0 = 0; i0 < n; i0 += kGemvGroup) {
     const int64_t m = std::min(kGemvGroup, n - i0);
-    T* sv = saved != nullptr ? saved + i0 * g : nullptr;
+    T* sv = saved != nullptr ? saved + i0 * sw : nullptr;
     const int64_t* pp = pairs + i0;
+#define SFNN_GEMV(N_)                                                                      \
+  block_gemv<N_, T, A>(acc, x, keys, values, key_bias, gate_keys, gate_bias, gates, pp, top_k, \
+                       d, g, b, act, sv)
     switch (m) {
-      case 1: block_gemv<1, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
-      case 2: block_gemv<2, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
-      case 3: block_gemv<3, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
-      default: block_gemv<4, T, A>(acc, x, keys, values, key_bias, gates, pp, top_k, d, g, b, act, sv); break;
+      case 1: SFNN_GEMV(1); break;
+      case 2: SFNN_GEMV(2); break;
+      case 3: SFNN_GEMV(3); break;
+      default: SFNN_GEMV(4); break;
     }
+#undef SFNN_GEMV
   }
 }
 
@@ -351,24 +378,51 @@ at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
 
+// A gated FFN's gate table: gate_keys like keys, gate_bias (d_ff,) only with gate_keys.
+void check_gate(const at::Tensor& keys, const at::Tensor& gate_keys, const at::Tensor& gate_bias) {
+  TORCH_CHECK(!gate_bias.defined() || gate_keys.defined(),
+              "sfnn_cpu: gate_bias without gate_keys");
+  if (!gate_keys.defined()) return;
+  TORCH_CHECK(gate_keys.sizes() == keys.sizes() && gate_keys.scalar_type() == keys.scalar_type(),
+              "sfnn_cpu: gate_keys must be (d_ff, d_model) in keys' dtype");
+  TORCH_CHECK(!gate_bias.defined() || (gate_bias.dim() == 1 && gate_bias.size(0) == keys.size(0)
+                                       && gate_bias.scalar_type() == keys.scalar_type()),
+              "sfnn_cpu: gate_bias must be (d_ff,) in keys' dtype");
+}
+
+// pre = x kb^T (+ bias), into pre (which may be a column slice of a wider row-major tensor).
+void key_gemm(at::Tensor& pre, const at::Tensor& xb, const at::Tensor& kb, const at::Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(pre, bias, xb, kb.t());
+  } else {
+    at::mm_out(pre, xb, kb.t());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
     const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& indices, const std::optional<at::Tensor>& key_bias_in,
     const std::optional<at::Tensor>& out_bias_in, const std::optional<at::Tensor>& gates_in,
-    int64_t block_size, const std::string& activation, bool save, bool deterministic) {
+    int64_t block_size, const std::string& activation, bool save, bool deterministic,
+    const std::optional<at::Tensor>& gate_keys_in, const std::optional<at::Tensor>& gate_bias_in) {
   check_inputs(x, keys, values, indices, block_size);
   const Act act = parse_activation(activation);
   const int64_t T = x.size(0), d = x.size(1), top_k = indices.size(1), g = block_size;
   const int64_t n_blocks = keys.size(0) / g;
   const at::Tensor key_bias = contiguous_or_undefined(key_bias_in);
   const at::Tensor out_bias = contiguous_or_undefined(out_bias_in);
+  const at::Tensor gate_keys = contiguous_or_undefined(gate_keys_in);
+  const at::Tensor gate_bias = contiguous_or_undefined(gate_bias_in);
+  check_gate(keys, gate_keys, gate_bias);
+  const bool gated = gate_keys.defined();
+  const int64_t sw = gated ? 2 * g : g;  // saved row width: [A_gate | A_up] when gated
   const at::ScalarType acc_t = acc_type(x.scalar_type());
   const at::Tensor gates =
       gates_in.has_value() && gates_in->defined() ? gates_in->to(acc_t).contiguous()
                                                   : at::Tensor();
   const Routing r = route(indices, n_blocks);
   at::Tensor y = at::empty({T, d}, x.options());
-  at::Tensor saved = save ? at::empty({T * top_k, g}, x.options()) : at::empty({0}, x.options());
+  at::Tensor saved = save ? at::empty({T * top_k, sw}, x.options()) : at::empty({0}, x.options());
   if (T == 0) return {y, saved};
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, acc_bytes);
@@ -396,30 +450,39 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
                 out.data_ptr<A>(), x.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
                 values.data_ptr<scalar_t>(),
                 key_bias.defined() ? key_bias.data_ptr<scalar_t>() : nullptr,
+                gated ? gate_keys.data_ptr<scalar_t>() : nullptr,
+                gate_bias.defined() ? gate_bias.data_ptr<scalar_t>() : nullptr,
                 gates.defined() ? gates.data_ptr<A>() : nullptr, pairs, n, top_k, d, g, b, act,
-                save ? saved.data_ptr<scalar_t>() + p0 * g : nullptr);
+                save ? saved.data_ptr<scalar_t>() + p0 * sw : nullptr);
           });
           continue;
         }
         if (!s_x.defined()) {
           s_x = at::empty({chunk, d}, x.options());
-          s_pre = at::empty({chunk, g}, x.options());
+          s_pre = at::empty({chunk, sw}, x.options());
           s_h = at::empty({chunk, g}, x.options());
           s_out = at::empty({chunk, d}, x.options());
         }
         const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+        const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
+        const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
+        const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
         for (int64_t c0 = 0; c0 < n; c0 += chunk) {
           const int64_t m = std::min(chunk, n - c0);
           at::Tensor xb = s_x.narrow(0, 0, m);
           gather_rows(xb, x, pairs + c0, m, top_k);
           at::Tensor pre = save ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
-          if (key_bias.defined()) {
-            at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
-          } else {
-            at::mm_out(pre, xb, kb.t());
-          }
           at::Tensor h = s_h.narrow(0, 0, m);
-          activate(h, pre, act);
+          if (gated) {  // h = act(x kg^T + bg) * (x k^T + b)
+            at::Tensor pre_g = pre.narrow(1, 0, g), pre_u = pre.narrow(1, g, g);
+            key_gemm(pre_g, xb, gkb, gbb);
+            key_gemm(pre_u, xb, kb, bb);
+            activate(h, pre_g, act);
+            h.mul_(pre_u);
+          } else {
+            key_gemm(pre, xb, kb, bb);
+            activate(h, pre, act);
+          }
           at::Tensor ob = s_out.narrow(0, 0, m);
           at::mm_out(ob, h, vb);
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd",
@@ -475,38 +538,54 @@ void add_column_sums(double* sums, const T* m, int64_t n, int64_t cols) {
     for (int64_t c = 0; c < cols; ++c) sums[c] += static_cast<double>(m[i * cols + c]);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn_bwd(
+// The backward. For a gated FFN (gate_keys given) h = act(A_g) * A_u with A_g = x kg^T + bg,
+// A_u = x k^T + b: dA_u = dh * act(A_g), dA_g = dh * A_u * act'(A_g), dx = dA_g kg + dA_u k.
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
+
+Grads block_ffn_bwd(
     const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& keys,
     const at::Tensor& values, const at::Tensor& indices,
     const std::optional<at::Tensor>& key_bias_in, const std::optional<at::Tensor>& gates_in,
     const at::Tensor& saved, int64_t block_size, const std::string& activation,
-    c10::List<bool> needs, bool deterministic) {
+    c10::List<bool> needs, bool deterministic, const std::optional<at::Tensor>& gate_keys_in,
+    const std::optional<at::Tensor>& gate_bias_in) {
   check_inputs(x, keys, values, indices, block_size);
-  TORCH_CHECK(needs.size() == 5, "sfnn_cpu: needs must hold 5 flags");
+  TORCH_CHECK(needs.size() == 5 || needs.size() == 7, "sfnn_cpu: needs must hold 5 or 7 flags");
   const Act act = parse_activation(activation);
   const at::Tensor dy = dy_in.contiguous();
   const int64_t T = x.size(0), d = x.size(1), top_k = indices.size(1), g = block_size;
   const int64_t n_blocks = keys.size(0) / g;
   const at::Tensor key_bias = contiguous_or_undefined(key_bias_in);
+  const at::Tensor gate_keys = contiguous_or_undefined(gate_keys_in);
+  const at::Tensor gate_bias = contiguous_or_undefined(gate_bias_in);
+  check_gate(keys, gate_keys, gate_bias);
+  const bool gated = gate_keys.defined();
+  const int64_t sw = gated ? 2 * g : g;
   const at::ScalarType acc_t = acc_type(x.scalar_type());
   const at::Tensor gates =
       gates_in.has_value() && gates_in->defined() ? gates_in->to(acc_t).contiguous()
                                                   : at::Tensor();
   const bool need_dx = needs[0], need_dk = needs[1], need_dv = needs[2];
   const bool need_dkb = needs[3] && key_bias.defined(), need_dg = needs[4] && gates.defined();
-  const bool need_da = need_dx || need_dk || need_dkb;
+  const bool need_dgk = gated && needs.size() == 7 && needs[5];
+  const bool need_dgb = gate_bias.defined() && needs.size() == 7 && needs[6];
+  const bool need_da = need_dx || need_dk || need_dkb || need_dgk || need_dgb;
   const bool have_saved = saved.numel() > 0;
-  TORCH_CHECK(!have_saved || (saved.size(0) == T * top_k && saved.size(1) == g &&
+  TORCH_CHECK(!have_saved || (saved.size(0) == T * top_k && saved.size(1) == sw &&
                               saved.is_contiguous()),
-              "sfnn_cpu: saved must be (T * top_k, block_size)");
+              "sfnn_cpu: saved must be (T * top_k, block_size), (T * top_k, 2 * block_size) "
+              "when gated");
   const auto opts = x.options();
   const at::Tensor none = at::empty({0}, opts);
   at::Tensor dkeys = need_dk ? at::empty_like(keys) : none;
   at::Tensor dvalues = need_dv ? at::empty_like(values) : none;
   at::Tensor dkey_bias = need_dkb ? at::empty_like(key_bias) : none;
   at::Tensor dgates = need_dg ? at::empty({T, top_k}, opts.dtype(acc_t)) : none;
+  at::Tensor dgate_keys = need_dgk ? at::empty_like(gate_keys) : none;
+  at::Tensor dgate_bias = need_dgb ? at::empty_like(gate_bias) : none;
   at::Tensor dx = need_dx ? at::empty({T, d}, opts) : none;
-  if (T == 0) return {dx, dkeys, dvalues, dkey_bias, dgates};
+  if (T == 0) return {dx, dkeys, dvalues, dkey_bias, dgates, dgate_keys, dgate_bias};
   const Routing r = route(indices, n_blocks);
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, need_dx ? acc_bytes : 0);
@@ -519,10 +598,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
     const SingleThreaded single;
     for (int64_t task = task_begin; task < task_end; ++task) {
       if (need_dx) acc[static_cast<size_t>(task)].zero_();
-      // [chunk, d] x 2, [chunk, g] x 4
+      // [chunk, d] x 2, [chunk, sw], [chunk, g] x 3 (+ 2 gated)
       at::Tensor s_dy = at::empty({chunk, d}, opts), s_x = at::empty({chunk, d}, opts);
-      at::Tensor s_pre = at::empty({chunk, g}, opts), s_h = at::empty({chunk, g}, opts);
+      at::Tensor s_pre = at::empty({chunk, sw}, opts), s_h = at::empty({chunk, g}, opts);
       at::Tensor s_dh = at::empty({chunk, g}, opts), s_da = at::empty({chunk, g}, opts);
+      at::Tensor s_act = gated ? at::empty({chunk, g}, opts) : none;
+      at::Tensor s_dau = gated ? at::empty({chunk, g}, opts) : none;
       int64_t cursor = queue.begin(task);
       for (int64_t b; (b = queue.next(task, cursor)) >= 0;) {
         const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
@@ -530,12 +611,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
           if (need_dk) dkeys.narrow(0, b * g, g).zero_();
           if (need_dv) dvalues.narrow(0, b * g, g).zero_();
           if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
+          if (need_dgk) dgate_keys.narrow(0, b * g, g).zero_();
+          if (need_dgb) dgate_bias.narrow(0, b * g, g).zero_();
           continue;
         }
         const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+        const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
+        const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
+        const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
         at::Tensor dkb = need_dk ? dkeys.narrow(0, b * g, g) : none;
         at::Tensor dvb = need_dv ? dvalues.narrow(0, b * g, g) : none;
+        at::Tensor dgkb = need_dgk ? dgate_keys.narrow(0, b * g, g) : none;
         std::vector<double> bias_sum(need_dkb ? static_cast<size_t>(g) : 0, 0.0);
+        std::vector<double> gbias_sum(need_dgb ? static_cast<size_t>(g) : 0, 0.0);
         for (int64_t c0 = 0; c0 < n; c0 += chunk) {
           const int64_t m = std::min(chunk, n - c0);
           const int64_t* pairs = r.pair.data() + p0 + c0;
@@ -543,17 +631,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
           at::Tensor dyb = s_dy.narrow(0, 0, m);
           gather_rows(dyb, dy, pairs, m, top_k);
           at::Tensor xb = s_x.narrow(0, 0, m);
-          if (need_dk || !have_saved) gather_rows(xb, x, pairs, m, top_k);
+          if (need_dk || need_dgk || !have_saved) gather_rows(xb, x, pairs, m, top_k);
           at::Tensor pre = have_saved ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
+          // pre_a: the activation's input (the gate's pre-activation when gated)
+          at::Tensor pre_a = gated ? pre.narrow(1, 0, g) : pre;
+          at::Tensor pre_u = gated ? pre.narrow(1, g, g) : none;
           if (!have_saved) {
-            if (key_bias.defined()) {
-              at::addmm_out(pre, key_bias.narrow(0, b * g, g), xb, kb.t());
+            if (gated) {
+              key_gemm(pre_a, xb, gkb, gbb);
+              key_gemm(pre_u, xb, kb, bb);
             } else {
-              at::mm_out(pre, xb, kb.t());
+              key_gemm(pre, xb, kb, bb);
             }
           }
           at::Tensor h = s_h.narrow(0, 0, m), dh = s_dh.narrow(0, 0, m);
-          if (need_dv || need_dg) activate(h, pre, act);
+          at::Tensor act_g = gated ? s_act.narrow(0, 0, m) : none;
+          if (gated && (need_dv || need_dg || need_da)) activate(act_g, pre_a, act);
+          if (need_dv || need_dg) {
+            if (gated) {
+              at::mul_out(h, act_g, pre_u);
+            } else {
+              activate(h, pre, act);
+            }
+          }
           if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g",
                                           [&] {
@@ -575,24 +675,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
             }
           }
           if (!need_da) continue;
+          // da: the gradient of the activation's input (dA_g when gated); dau: of A_u (gated)
           at::Tensor da = s_da.narrow(0, 0, m);
-          activate_backward(da, dh, pre, act);
+          at::Tensor dau = gated ? s_dau.narrow(0, 0, m) : none;
+          if (gated) {
+            at::mul_out(dau, dh, act_g);
+            at::mul_out(h, dh, pre_u);  // h is used up: it holds dh * A_u now
+            activate_backward(da, h, pre_a, act);
+          } else {
+            activate_backward(da, dh, pre, act);
+          }
+          const at::Tensor& du = gated ? dau : da;  // the up table's pre-activation gradient
           if (need_dk) {
             if (first) {
-              at::mm_out(dkb, da.t(), xb);
+              at::mm_out(dkb, du.t(), xb);
             } else {
-              dkb.addmm_(da.t(), xb);
+              dkb.addmm_(du.t(), xb);
             }
           }
-          if (need_dkb) {
+          if (need_dgk) {
+            if (first) {
+              at::mm_out(dgkb, da.t(), xb);
+            } else {
+              dgkb.addmm_(da.t(), xb);
+            }
+          }
+          if (need_dkb || need_dgb) {
             AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
                                             [&] {
-              add_column_sums<scalar_t>(bias_sum.data(), da.data_ptr<scalar_t>(), m, g);
+              if (need_dkb) add_column_sums<scalar_t>(bias_sum.data(), du.data_ptr<scalar_t>(), m, g);
+              if (need_dgb) add_column_sums<scalar_t>(gbias_sum.data(), da.data_ptr<scalar_t>(), m, g);
             });
           }
           if (need_dx) {
             at::Tensor dxb = s_dy.narrow(0, 0, m);  // this chunk's dy rows are used up
-            at::mm_out(dxb, da, kb);
+            at::mm_out(dxb, du, kb);
+            if (gated) dxb.addmm_(da, gkb);
             AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
                                             [&] {
               using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -602,11 +720,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
             });
           }
         }
-        if (need_dkb) {
+        if (need_dkb || need_dgb) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
                                           [&] {
-            scalar_t* out = dkey_bias.data_ptr<scalar_t>() + b * g;
-            for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(bias_sum[c]);
+            if (need_dkb) {
+              scalar_t* out = dkey_bias.data_ptr<scalar_t>() + b * g;
+              for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(bias_sum[c]);
+            }
+            if (need_dgb) {
+              scalar_t* out = dgate_bias.data_ptr<scalar_t>() + b * g;
+              for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(gbias_sum[c]);
+            }
           });
         }
       }
@@ -624,7 +748,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_ffn
       });
     });
   }
-  return {dx, dkeys, dvalues, dkey_bias, dgates};
+  return {dx, dkeys, dvalues, dkey_bias, dgates, dgate_keys, dgate_bias};
 }
 
 // ---- selection: scores and top-K in one region
@@ -683,12 +807,13 @@ TORCH_LIBRARY(sfnn_cpu, m) {
   m.def(
       "block_ffn_fwd(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias, "
       "Tensor? out_bias, Tensor? gates, int block_size, str activation, bool save, "
-      "bool deterministic) -> (Tensor, Tensor)",
+      "bool deterministic, Tensor? gate_keys=None, Tensor? gate_bias=None) -> (Tensor, Tensor)",
       &block_ffn_fwd);
   m.def(
       "block_ffn_bwd(Tensor dy, Tensor x, Tensor keys, Tensor values, Tensor indices, "
       "Tensor? key_bias, Tensor? gates, Tensor saved, int block_size, str activation, "
-      "bool[] needs, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "bool[] needs, bool deterministic, Tensor? gate_keys=None, Tensor? gate_bias=None) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       &block_ffn_bwd);
   m.def("select_blocks(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor",
         &select_blocks);

@@ -125,7 +125,8 @@ def _require() -> None:
 
 
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size: int,
-                  activation: str, save_for_backward: bool, deterministic: bool = True):
+                  activation: str, save_for_backward: bool, deterministic: bool = True,
+                  gate_keys=None, gate_bias=None):
     """``(y, saved)``: the torch backend's forward (see :mod:`sfnn.ops`) in one call.
 
     x2d: (T, d_model); keys, values: (d_ff, d_model); indices: int32 (T, top_k); key_bias:
@@ -134,24 +135,36 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
     order when ``save_for_backward`` (else it is empty). ``deterministic``: bitwise repeatable
     for a given thread count (each thread owns fixed blocks); else threads take blocks as they
     come, which keeps the speed when the OS deschedules one of them.
+
+    Gated FFN (PLAN.md's protocol): ``gate_keys`` (d_ff, d_model) and ``gate_bias`` (d_ff,) or
+    None make ``h = act(x kg^T + gate_bias) * (x keys^T + key_bias)``; saved rows are then
+    ``[A_gate | A_up]``, (T * top_k, 2 * block_size).
     """
     _require()
     return torch.ops.sfnn_cpu.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
                                             gates, int(block_size), str(activation),
-                                            bool(save_for_backward), bool(deterministic))
+                                            bool(save_for_backward), bool(deterministic),
+                                            gate_keys, gate_bias)
 
 
 def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size: int,
-                  activation: str, needs, deterministic: bool = True):
-    """``(dx, dkeys, dvalues, dkey_bias, dgates)``, the torch backend's backward in one call;
-    a gradient not in ``needs`` (or of an absent input) is None. ``deterministic`` as in
-    :func:`block_ffn_fwd`."""
+                  activation: str, needs, deterministic: bool = True, gate_keys=None,
+                  gate_bias=None):
+    """``(dx, dkeys, dvalues, dkey_bias, dgates)``, the torch backend's backward in one call,
+    plus ``(dgate_keys, dgate_bias)`` when ``needs`` holds 7 flags (``ops.GRAD_NAMES`` of a
+    gated layer); a gradient not in ``needs`` (or of an absent input) is None.
+    ``deterministic`` as in :func:`block_ffn_fwd`; ``gate_keys``/``gate_bias`` as there (then
+    ``saved`` is the gated forward's)."""
     _require()
+    needs = [bool(n) for n in needs]
+    if len(needs) not in (5, 7):
+        raise ValueError(f"needs must hold 5 or 7 flags, got {len(needs)}")
     outs = torch.ops.sfnn_cpu.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates,
-                                            saved, int(block_size), str(activation),
-                                            [bool(n) for n in needs], bool(deterministic))
-    present = (True, True, True, key_bias is not None, gates is not None)
-    return tuple(o if (n and p) else None for o, n, p in zip(outs, needs, present, strict=True))
+                                            saved, int(block_size), str(activation), needs,
+                                            bool(deterministic), gate_keys, gate_bias)
+    present = (True, True, True, key_bias is not None, gates is not None,
+               gate_keys is not None, gate_bias is not None)[:len(needs)]
+    return tuple(o if (n and p) else None for o, n, p in zip(outs, needs, present, strict=False))
 
 
 def select_blocks(x2d, kbar, bbar, top_k: int):

@@ -86,7 +86,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("sfnn::decode_ffn")
     def _decode_ffn_fake(x, keys, values, indices, key_bias, out_bias, gates, block_size,
-                         activation):
+                         activation, gate_keys=None, gate_bias=None):
         torch._check(x.dim() == 2, lambda: "sfnn::decode_ffn: x must be 2-D")
         return x.new_empty(x.shape)
 
@@ -119,15 +119,19 @@ def decode_ffn(
     *,
     block_size: int,
     activation: str,
+    gate_keys: Tensor | None = None,
+    gate_bias: Tensor | None = None,
 ) -> Tensor:
     """The block FFN over ``indices`` for a few tokens (forward only), in x2d's dtype.
 
     x2d: (T, d_model); keys, values: (d_ff, d_model) of x2d's dtype; indices: (T, top_k) int32;
     key_bias: (d_ff,) or None; out_bias: (d_model,) or None; gates: (T, top_k) float32 or None.
+    Gated FFN (issue 11): ``gate_keys`` (d_ff, d_model) and ``gate_bias`` (d_ff,) or None make
+    each row's activation ``act(x . gate_keys + gate_bias) * (x . keys + key_bias)``.
     """
     _require()
     return torch.ops.sfnn.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
-                                     int(block_size), str(activation))
+                                     int(block_size), str(activation), gate_keys, gate_bias)
 
 
 def decode_step(

@@ -10,7 +10,7 @@ On CPU tensors three implementations share that contract:
 
 - the CPU kernel (:mod:`sfnn.cpu_kernel`, C++ built just in time where a compiler is present):
   the whole forward or backward in one parallel region, the fused loops of a decode step for
-  blocks chosen by a few tokens. Used whenever it is available.
+  blocks chosen by a few tokens; plain and gated FFNs. Used whenever it is available.
 - without it, a CPU forward of at most :data:`FEW_TOKENS` tokens that needs no backward gathers the
   distinct selected blocks' rows and computes them with a handful of ops
   (:func:`few_token_fwd`): decoding reads about the selected blocks' bytes.
@@ -148,12 +148,19 @@ def block_ffn_fwd(
     :func:`route_numel`). Bitwise repeatable run to run, except in the CPU kernel without
     ``deterministic`` (its threads then take blocks as they come; with it, repeatable for a
     given thread count). With ``gate_keys`` the gated FFN (:func:`gated_block_ffn_fwd`)."""
-    if gate_keys is not None:  # the CPU kernel has no gated variant (yet): the grouped loop
+    kernel = _cpu_kernel(x2d)
+    if gate_keys is not None:  # the CPU kernel's gated variant, else the grouped loop
+        if kernel is not None:
+            y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
+                                            gates, block_size=block_size, activation=activation,
+                                            save_for_backward=save_for_backward,
+                                            deterministic=deterministic, gate_keys=gate_keys,
+                                            gate_bias=gate_bias)
+            return y, saved, indices.new_empty(0)
         return gated_block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
                                    block_size=block_size, activation=activation,
                                    save_for_backward=save_for_backward, gate_keys=gate_keys,
                                    gate_bias=gate_bias)
-    kernel = _cpu_kernel(x2d)
     if kernel is not None:
         y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
                                         block_size=block_size, activation=activation,
@@ -278,12 +285,18 @@ def block_ffn_bwd(
     them, else they are recomputed. Only the GEMMs of the needed gradients run. With
     ``gate_keys`` the gated FFN's (:func:`gated_block_ffn_bwd`)."""
     del route
+    kernel = _cpu_kernel(x2d)
     if gate_keys is not None:
+        needs7 = tuple(needs) + (False,) * (7 - len(needs))
+        if kernel is not None:
+            return kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
+                                        block_size=block_size, activation=activation,
+                                        needs=needs7, deterministic=deterministic,
+                                        gate_keys=gate_keys, gate_bias=gate_bias)
         return gated_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
-                                   block_size=block_size, activation=activation, needs=needs,
+                                   block_size=block_size, activation=activation, needs=needs7,
                                    gate_keys=gate_keys, gate_bias=gate_bias)
     plain_needs = tuple(needs[:5])
-    kernel = _cpu_kernel(x2d)
     if kernel is not None:
         grads = kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                      block_size=block_size, activation=activation,

@@ -172,6 +172,133 @@ def test_kernel_matches_the_torch_path(kernel, T, d, nb, g, k, dtype, activation
                 assert_close(c, b, atol=atol, rtol=rtol, name=f"{gname} recomputed {name}")
 
 
+def _gated_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias, gates, g,
+               activation, dy):
+    """y and the seven gradients (x, keys, values, key_bias, gates, gate_keys, gate_bias) of
+    the gated block FFN, h = act(x kg^T + bg) * (x k^T + b), y = sum_slots gate * h v +
+    out_bias, in float64 by autograd over the gathered blocks (PLAN.md's gated protocol)."""
+    T, d = x.shape
+    nb = keys.shape[0] // g
+    leaves = [None if t is None else t.detach().double().requires_grad_(True)
+              for t in (x, keys, values, key_bias, gates, gate_keys, gate_bias)]
+    xs, ks, vs, kbs, gs, gks, gbs = leaves
+    idx = indices.long()
+    sel = (lambda t: t.view(nb, g, d)[idx])  # (T, top_k, g, d)
+    a_g = torch.einsum("td,tkgd->tkg", xs, sel(gks))
+    a_u = torch.einsum("td,tkgd->tkg", xs, sel(ks))
+    if gbs is not None:
+        a_g = a_g + gbs.view(nb, g)[idx]
+    if kbs is not None:
+        a_u = a_u + kbs.view(nb, g)[idx]
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "silu": torch.nn.functional.silu}[activation]
+    h = act(a_g) * a_u
+    if gs is not None:
+        h = h * gs[..., None]
+    y = torch.einsum("tkg,tkgd->td", h, sel(vs))
+    if out_bias is not None:
+        y = y + out_bias.double()
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy.double())
+    it = iter(grads)
+    return y.detach(), [None if t is None else next(it) for t in leaves]
+
+
+GATED_GRADS = ("dx", "dkeys", "dvalues", "dkey_bias", "dgates", "dgate_keys", "dgate_bias")
+
+
+@pytest.mark.parametrize("T, d, nb, g, k", KERNEL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gated_kernel_matches_the_reference(kernel, T, d, nb, g, k, dtype, activation):
+    """The gated FFN (gate_keys/gate_bias): forward through the fused few-token loops and the
+    ATen GEMMs, saved [A_gate | A_up] rows, all seven gradients, with and without biases and
+    selection gates, with saved pre-activations and recomputing them."""
+    for bias, gated in ((True, True), (False, False)):
+        x, keys, values, indices, key_bias, out_bias, gates = _kernel_problem(
+            T, d, nb, g, k, dtype, bias, gated, seed=T + nb)
+        gen = _gen(T * 3 + 1)
+        gate_keys = (torch.randn(nb * g, d, generator=gen) * d ** -0.5).to(dtype)
+        gate_bias = (torch.randn(nb * g, generator=gen) * 0.1).to(dtype) if bias else None
+        kw = dict(block_size=g, activation=activation)
+        gk = dict(gate_keys=gate_keys, gate_bias=gate_bias)
+        y, saved = kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                                        save_for_backward=True, **kw, **gk)
+        dy = torch.randn(T, d, generator=_gen(5)).to(dtype)
+        y_ref, g_ref = _gated_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias,
+                                  out_bias, gates, g, activation, dy)
+        atol, rtol = TOLERANCES[dtype]
+        name = f"{activation} bias={bias} gates={gated}"
+        assert y.dtype == dtype and saved.shape == (T * k, 2 * g)
+        assert_close(y, y_ref, atol=atol, rtol=rtol, name=f"y {name}")
+        # saved rows are in block order (the stable sort of the flat indices)
+        order = torch.argsort(indices.reshape(-1).long(), stable=True)
+        tok, blk = order // k, indices.reshape(-1).long()[order]
+        rows = blk[:, None] * g + torch.arange(g)
+        a_g = (x.double()[tok, None, :] * gate_keys.double()[rows]).sum(-1)
+        a_u = (x.double()[tok, None, :] * keys.double()[rows]).sum(-1)
+        if bias:
+            a_g, a_u = a_g + gate_bias.double()[rows], a_u + key_bias.double()[rows]
+        assert_close(saved, torch.cat([a_g, a_u], 1), atol=atol, rtol=rtol, name=f"saved {name}")
+        # the pure-torch gated path gives the same
+        y_t, saved_t, _ = torch_path.gated_block_ffn_fwd(
+            x, keys, values, indices, key_bias, out_bias, gates, save_for_backward=True, **kw,
+            **gk)
+        assert_close(y, y_t, atol=atol, rtol=rtol, name=f"y vs torch path {name}")
+        assert_close(saved, saved_t, atol=atol, rtol=rtol, name=f"saved vs torch path {name}")
+        needs = (True, True, True, bias, gated, True, bias)
+        want_t = torch_path.gated_block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates,
+                                                saved_t, needs=needs, **kw, **gk)
+        for sv in (saved, x.new_empty(0)):
+            got = kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, sv,
+                                       needs=needs, **kw, **gk)
+            assert len(got) == 7
+            for gname, a, b, c in zip(GATED_GRADS, got, g_ref, want_t, strict=True):
+                assert (c is None) == (b is None), gname
+                if c is not None and dtype != torch.bfloat16:
+                    assert_close(a, c, atol=atol, rtol=rtol, name=f"{gname} vs torch path")
+                assert (a is None) == (b is None), gname
+                if a is not None:
+                    assert a.shape == b.shape and (gname == "dgates" or a.dtype == dtype), gname
+                    # bf16 gradients summed over many pairs: relative to their scale
+                    tol = atol * max(1.0, float(b.abs().max())) if dtype == torch.bfloat16 \
+                        else atol
+                    assert_close(a, b, atol=tol, rtol=rtol,
+                                 name=f"{gname} {name} saved={bool(sv.numel())}")
+
+
+def test_gated_kernel_needs_and_errors(kernel):
+    """Every subset of the seven gradients of a gated call gives the full backward's bits for
+    the asked ones and None for the others; five flags give the plain five; gate_bias without
+    gate_keys and a mis-shaped gate table are errors."""
+    T, d, nb, g, k = 60, 24, 8, 8, 3
+    x, keys, values, indices, key_bias, out_bias, gates = _kernel_problem(
+        T, d, nb, g, k, torch.float32, True, True, seed=3)
+    gk = dict(gate_keys=keys.flip(0).contiguous(), gate_bias=key_bias.flip(0).contiguous())
+    kw = dict(block_size=g, activation="silu")
+    _, saved = kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                                    save_for_backward=True, **kw, **gk)
+    dy = torch.randn(T, d, generator=_gen(2))
+    full = kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, saved,
+                                needs=(True,) * 7, **kw, **gk)
+    for needs in itertools.product((False, True), repeat=7):
+        got = kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, saved,
+                                   needs=needs, **kw, **gk)
+        for need, a, b in zip(needs, got, full, strict=True):
+            assert torch.equal(a, b) if need else a is None, needs
+    assert len(kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, saved,
+                                    needs=(True,) * 5, **kw, **gk)) == 5
+    with pytest.raises(RuntimeError, match="gate_bias without gate_keys"):
+        kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                             save_for_backward=False, gate_bias=key_bias, **kw)
+    with pytest.raises(RuntimeError, match="gate_keys must be"):
+        kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                             save_for_backward=False, gate_keys=keys[:, :-1].contiguous(), **kw)
+    with pytest.raises(ValueError, match="5 or 7 flags"):
+        kernel.block_ffn_bwd(dy, x, keys, values, indices, key_bias, gates, saved,
+                             needs=(True,) * 6, **kw, **gk)
+
+
 def test_kernel_needs_skips_what_is_not_asked(kernel):
     """Every subset of the five gradients: the others are None, the asked ones are the bits of
     the full backward."""
@@ -352,6 +479,32 @@ def test_torch_backend_dispatch(monkeypatch):
     torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
                              save_for_backward=False, **kw)
     assert calls[-1] == "kernel"
+    # gated calls take the kernel's gated variant when it is there, else the gated loop
+    seen = {}
+
+    class GatedSpy:
+        @staticmethod
+        def block_ffn_fwd(*a, **k):
+            seen["fwd"] = k["gate_keys"] is keys
+            return torch.zeros(3, 16), torch.empty(0)
+
+        @staticmethod
+        def block_ffn_bwd(*a, **k):
+            seen["bwd"] = (k["gate_keys"] is keys, len(k["needs"]))
+            return (None,) * 7
+
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: GatedSpy)
+    torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
+                             save_for_backward=True, gate_keys=keys, **kw)
+    torch_path.block_ffn_bwd(x, x, keys, values, indices, key_bias, None, x.new_empty(0), None,
+                             needs=(True,) * 7, gate_keys=keys, **kw)
+    assert seen == {"fwd": True, "bwd": (True, 7)}
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    monkeypatch.setattr(torch_path, "gated_block_ffn_fwd",
+                        lambda *a, **k: calls.append("gated") or (None, None, None))
+    torch_path.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, None,
+                             save_for_backward=False, gate_keys=keys, **kw)
+    assert calls[-1] == "gated"
 
 
 AVAILABILITY = """

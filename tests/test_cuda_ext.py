@@ -220,6 +220,8 @@ class EmuDecode:
         lib.sfnn_decode_ffn.restype = i32
         lib.sfnn_decode_ffn.argtypes = [vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, vp, i64, vp,
                                         i64, i32, i32, i64, i64, i64, i64, i64, vp, sz, vp]
+        lib.sfnn_decode_ffn_gated.restype = i32
+        lib.sfnn_decode_ffn_gated.argtypes = lib.sfnn_decode_ffn.argtypes + [vp, i64, vp]
         lib.sfnn_decode_step_workspace_bytes.restype = sz
         lib.sfnn_decode_step_workspace_bytes.argtypes = [i64, i64, i64, i64, i64, i32]
         lib.sfnn_decode_step.restype = i32
@@ -281,20 +283,28 @@ class EmuDecode:
         self._check(err, "sfnn_decode_select")
         return out
 
-    def ffn(self, x, keys, values, indices, key_bias, out_bias, gates, block_size, activation):
+    def ffn(self, x, keys, values, indices, key_bias, out_bias, gates, block_size, activation,
+            gate_keys=None, gate_bias=None):
+        """The block FFN; with gate_keys (and gate_bias) given, sfnn_decode_ffn_gated."""
         T, d = x.shape
         top_k = indices.shape[1]
         y = torch.full((T, d), float("nan"), dtype=x.dtype)  # poisoned
         n = self.lib.sfnn_decode_ffn_workspace_bytes(T, top_k, block_size, d, 0)
         buf, ws = self._workspace(n)
-        err = self.lib.sfnn_decode_ffn(
+        args = (
             self._ptr(x), self._stride(x), self._ptr(keys), self._stride(keys),
             self._ptr(values), self._stride(values), self._ptr(indices), self._stride(indices),
             self._ptr(key_bias), self._ptr(out_bias), self._ptr(gates),
             0 if gates is None else self._stride(gates), self._ptr(y), y.stride(0),
             DTYPE_TAG[x.dtype], ACT_TAG[activation], T, top_k, keys.shape[0] // block_size,
             block_size, d, ws, n, None)
-        self._check(err, "sfnn_decode_ffn")
+        if gate_keys is None and gate_bias is None:
+            self._check(self.lib.sfnn_decode_ffn(*args), "sfnn_decode_ffn")
+        else:
+            gk_stride = 0 if gate_keys is None else self._stride(gate_keys)
+            err = self.lib.sfnn_decode_ffn_gated(*args, self._ptr(gate_keys), gk_stride,
+                                                 self._ptr(gate_bias))
+            self._check(err, "sfnn_decode_ffn_gated")
         return y
 
     def step(self, x, kbar, bbar, keys, values, key_bias, out_bias, top_k, block_size,
@@ -482,6 +492,69 @@ def test_emulated_decode_ffn(emu, T, d_model, n_blocks, block_size, top_k, layou
             assert torch.equal(y, emu.ffn(*args)), "not deterministic"
 
 
+def _gated_ffn_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias, gates,
+                   block_size, activation):
+    """The gated block FFN in float64 (PLAN.md's protocol): per (token, slot) the block's rows
+    give h = act(x . kg + bg) * (x . k + b), y = sum_slots gate * h v + out_bias."""
+    up = [None if t is None else t.detach().double()
+          for t in (x, keys, values, gate_keys, key_bias, gate_bias, out_bias)]
+    x, keys, values, gate_keys, key_bias, gate_bias, out_bias = up
+    T, d = x.shape
+    g = block_size
+    y = torch.zeros(T, d, dtype=torch.float64) if out_bias is None else out_bias.repeat(T, 1)
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "silu": torch.nn.functional.silu}[activation]
+    for t in range(T):
+        for j in range(indices.shape[1]):
+            rows = slice(int(indices[t, j]) * g, (int(indices[t, j]) + 1) * g)
+            a_g = gate_keys[rows] @ x[t] + (0 if gate_bias is None else gate_bias[rows])
+            a_u = keys[rows] @ x[t] + (0 if key_bias is None else key_bias[rows])
+            h = act(a_g) * a_u * (1.0 if gates is None else float(gates[t, j]))
+            y[t] += h @ values[rows]
+    return y
+
+
+@pytest.mark.parametrize("T, d_model, n_blocks, block_size, top_k, layout, duplicates, dtype",
+                         FFN_CASES)
+def test_emulated_decode_gated_ffn(emu, T, d_model, n_blocks, block_size, top_k, layout,
+                                   duplicates, dtype):
+    """sfnn_decode_ffn_gated (issue 11's gated FFN, forward only) against a float64 reference:
+    every activation, biases and selection gates on and off, vector and scalar loads (strided
+    and misaligned tables), duplicate blocks, and bitwise repeatable."""
+    gen = _gen(T * 100 + d_model + block_size + 1)
+    d_ff = n_blocks * block_size
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    gate_keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    gate_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype)
+    gates = torch.rand(T, top_k, generator=gen)
+    indices = _indices(T, n_blocks, top_k, gen, duplicates)
+    x, keys, values, gate_keys = (_strided(t, layout, gen) for t in (x, keys, values, gate_keys))
+    atol, rtol = TOLERANCES[dtype]
+    for i, activation in enumerate(("relu", "gelu", "silu")):
+        bias, gated = i != 1, i != 2
+        args = (x, keys, values, indices, key_bias if bias else None, out_bias if bias else None,
+                gates if gated else None, block_size, activation)
+        gk = dict(gate_keys=gate_keys, gate_bias=gate_bias if bias else None)
+        y = emu.ffn(*args, **gk)
+        want = _gated_ffn_ref(x, keys, values, gate_keys, indices, args[4], gk["gate_bias"],
+                              args[5], args[6], block_size, activation)
+        assert y.dtype == dtype
+        assert_close(y.double(), want, atol=atol, rtol=rtol,
+                     name=f"gated y[{activation}, bias={bias}, gates={gated}]")
+        if i == 0:
+            assert torch.equal(y, emu.ffn(*args, **gk)), "not deterministic"
+            # the gate table matters: the plain FFN's output differs
+            assert not torch.allclose(y, emu.ffn(*args), atol=atol, rtol=rtol)
+
+
+def test_emulated_decode_gated_ffn_rejects_gate_bias_alone(emu):
+    x = torch.zeros(1, 8)
+    keys = torch.zeros(8, 8)
+    idx = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(AssertionError, match="gate_bias without gate_keys"):
+        emu.ffn(x, keys, keys, idx, None, None, None, 8, "relu", gate_bias=torch.zeros(8))
+
+
 def test_emulated_decode_ffn_nan_token_stays_in_its_row(emu):
     gen = _gen(3)
     T, d, nb, g, k = 4, 32, 4, 8, 2
@@ -660,8 +733,8 @@ else:
 import sfnn.cuda_ext
 assert str(torch.ops.sfnn.decode_select.default._schema) == (
     "sfnn::decode_select(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor")
-assert "Tensor? gates, int block_size, str activation) -> Tensor" in str(
-    torch.ops.sfnn.decode_ffn.default._schema)
+assert ("Tensor? gates, int block_size, str activation, Tensor? gate_keys=None, "
+        "Tensor? gate_bias=None) -> Tensor") in str(torch.ops.sfnn.decode_ffn.default._schema)
 assert "int top_k, int block_size, str activation) -> (Tensor, Tensor)" in str(
     torch.ops.sfnn.decode_step.default._schema)
 assert hasattr(torch.ops.sfnn, "block_ffn")  # the op layer's Python ops share the namespace
@@ -671,6 +744,8 @@ idx = torch.ops.sfnn.decode_select(x, torch.empty(8, 64, device="meta"), None, 4
 assert idx.shape == (3, 4) and idx.dtype == torch.int32
 w = torch.empty(32, 64, device="meta", dtype=torch.bfloat16)
 y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "relu")
+assert y.shape == (3, 64) and y.dtype == torch.bfloat16
+y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "silu", w, None)  # gated
 assert y.shape == (3, 64) and y.dtype == torch.bfloat16
 kb = torch.empty(4, 64, device="meta", dtype=torch.bfloat16)
 y, idx = torch.ops.sfnn.decode_step(x, kb, None, w, w, None, None, 2, 8, "gelu")
@@ -753,6 +828,34 @@ def test_cuda_decode_ffn(T, d_model, dtype, activation, bias, gated):
     atol, rtol = TOLERANCES[dtype]
     assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="y")
     assert torch.equal(y, sfnn.cuda_ext.decode_ffn(*cuda, block_size=g, activation=activation))
+
+
+@needs_ext
+@pytest.mark.parametrize("T", [1, 3, 15])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cuda_decode_gated_ffn(T, dtype, activation, bias):
+    """sfnn::decode_ffn with gate_keys/gate_bias (the gated FFN) on a GPU, against the float64
+    gated reference."""
+    gen = _gen(T + 7)
+    nb, g, k, d_model = 12, 16, 4, 96
+    d_ff = nb * g
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    gate_keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    gate_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype) if bias else None
+    key_bias, out_bias = (key_bias, out_bias) if bias else (None, None)
+    gates = torch.rand(T, k, generator=gen)
+    indices = _indices(T, nb, k, gen, duplicates=T % 2 == 1)
+    cuda = [None if t is None else t.cuda() for t in (x, keys, values, indices, key_bias,
+                                                      out_bias, gates, gate_keys, gate_bias)]
+    y = sfnn.cuda_ext.decode_ffn(*cuda[:7], block_size=g, activation=activation,
+                                 gate_keys=cuda[7], gate_bias=cuda[8])
+    ref = _gated_ffn_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias,
+                         gates, g, activation)
+    atol, rtol = TOLERANCES[dtype]
+    assert y.dtype == dtype
+    assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="gated y")
 
 
 @needs_ext
