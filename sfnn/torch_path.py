@@ -149,7 +149,7 @@ def block_ffn_fwd(
     ``deterministic`` (its threads then take blocks as they come; with it, repeatable for a
     given thread count). With ``gate_keys`` the gated FFN (:func:`gated_block_ffn_fwd`)."""
     kernel = _cpu_kernel(x2d)
-    if gate_keys is not None:  # the CPU kernel's gated variant, else the grouped loop
+    if gate_keys is not None:  # the CPU kernel's gated variant, else the chunked torch ops
         if kernel is not None:
             y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
                                             gates, block_size=block_size, activation=activation,

@@ -83,21 +83,30 @@ def check_gated_block_ffn(T, d_model, d_ff, g, top_k, *, act, bias, slot_gates, 
 
 # -- the torch path against the reference ----------------------------------------------------
 
+@pytest.fixture(params=["default", "pure-torch"])
+def cpu_path(request, monkeypatch):
+    """The torch path as it runs (with the CPU kernel when it is built), and its pure-PyTorch
+    form (the chunked batched ops: what runs without a compiler and on CUDA tensors)."""
+    if request.param == "pure-torch":
+        monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    return request.param
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("slot_gates", [False, True], ids=["noslotgate", "slotgate"])
-def test_gated_block_ffn_fp32(act, bias, slot_gates):
+def test_gated_block_ffn_fp32(act, bias, slot_gates, cpu_path):
     check_gated_block_ffn(37, 24, 96, 16, 2, act=act, bias=bias, slot_gates=slot_gates,
                           dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
                          ids=["fp16", "bf16", "fp64"])
-def test_gated_block_ffn_dtypes(dtype):
+def test_gated_block_ffn_dtypes(dtype, cpu_path):
     check_gated_block_ffn(29, 16, 64, 16, 3, act="silu", bias=True, slot_gates=True, dtype=dtype)
 
 
-def test_gated_duplicate_indices_count_twice():
+def test_gated_duplicate_indices_count_twice(cpu_path):
     check_gated_block_ffn(30, 16, 64, 16, 3, act="gelu", bias=True, slot_gates=True,
                           dtype=torch.float32, distinct=False)
 
@@ -236,7 +245,7 @@ NEEDS = [
 @pytest.mark.parametrize("needs", NEEDS, ids=["".join("1" if n else "0" for n in nd)
                                                for nd in NEEDS])
 @pytest.mark.parametrize("saved", [True, False], ids=["saved", "recompute"])
-def test_backward_needs_subsets(needs, saved):
+def test_backward_needs_subsets(needs, saved, cpu_path):
     """Each subset of the seven gradients equals the same gradients of the full backward; the
     others are empty (not computed)."""
     T, d, d_ff, g = 19, 12, 48, 8
@@ -655,6 +664,7 @@ def test_blocks_cut_into_several_chunks(monkeypatch, chunk):
     """The torch path batches each block's pairs in chunks of GATED_CHUNK rows: a block spread
     over several chunks (padding included) gives the same y and gradients."""
     monkeypatch.setattr(torch_path, "GATED_CHUNK", chunk)
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
     check_gated_block_ffn(23, 12, 48, 8, 3, act="gelu", bias=True, slot_gates=True,
                           dtype=torch.float32, distinct=False)
     check_gated_block_ffn(17, 8, 32, 8, 2, act="silu", bias=False, slot_gates=False,
