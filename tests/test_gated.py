@@ -521,13 +521,43 @@ def test_gated_capability_check_routes_auto(monkeypatch):
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32) == "triton"
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32, gated=True) == "torch"
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32) == "cuda"
+    assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "cuda"
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "torch"
-    monkeypatch.setattr(ops, "GATED_BACKENDS", ops.GATED_BACKENDS | {"triton"})
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch", "triton"}))
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "triton"
     assert ops.has_gated("triton") and not ops.has_gated("cuda")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton", "cuda_ext"])
+def test_cuda_backend_passes_the_gate_table_to_the_decode_kernel(monkeypatch):
+    """The CUDA extension's gated gather-GEMV gets gate_keys/gate_bias (a stand-in extension
+    records the call: there is no GPU here; tests/test_cuda_ext.py runs the kernel)."""
+    seen = {}
+
+    class FakeExt:
+        decode_select = None
+
+        @staticmethod
+        def decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates, **kw):
+            seen.update(kw)
+            return block_ffn_ref(x2d, keys, values, indices, block_size=kw["block_size"],
+                                 key_bias=key_bias, out_bias=out_bias, gates=gates,
+                                 activation=kw["activation"], gate_keys=kw["gate_keys"],
+                                 gate_bias=kw["gate_bias"])
+
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: FakeExt)
+    x, keys, values, kb, ob = make_problem(3, 16, 64)
+    gk, gb = gate_tables(64, 16)
+    idx = _indices(3, 2, 4)
+    y, _, _ = ops.block_ffn_op(x, keys, values, idx, kb, ob, None, 16, "silu", "cuda", False,
+                               False, gk, gb)
+    assert seen["gate_keys"] is not None and seen["gate_bias"] is not None
+    assert_close(y, block_ffn_ref(x, keys, values, idx, block_size=16, key_bias=kb,
+                                  out_bias=ob, activation="silu", gate_keys=gk, gate_bias=gb),
+                 name="y")
+
+
+@pytest.mark.parametrize("backend", ["triton"])
 def test_backends_without_a_gated_path_refuse_it(backend):
     x, keys, values, kb, ob = make_problem(4, 16, 64)
     gk, gb = gate_tables(64, 16)
