@@ -15,13 +15,20 @@ process's CPU time instead (with ``--threads 1`` that is the work itself, which 
 processes' load disturbs far less than the wall clock). Usage:
 
     python bench/selection_cost.py [--tokens 4096] [--rounds 9] [--device cpu] [--threads N]
-                                   [--clock wall|cpu]
+                                   [--clock wall|cpu] [--out FILE.md]
+
+``--out`` also writes the table, headed by the date, the machine, the versions, the sfnn commit
+and the command line, to a markdown file (committed under ``bench/results/<machine>/selection/``).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -99,13 +106,14 @@ def measure(args) -> dict:
     def select_train(layer):
         _selection_step(layer, xg, ids, backend)
 
-    jobs = {}
-    for name, layer in layers.items():
-        jobs[(name, "forward")] = (layer_fwd, layer)
-        jobs[(name, "forward+backward")] = (layer_train, layer)
-        if name in sfnn.METHODS:
-            jobs[(name, "selection forward")] = (select_fwd, layer)
-            jobs[(name, "selection fwd+bwd")] = (select_train, layer)
+    jobs = {}  # mode by mode, so that each variant runs right beside avgk in every round
+    for mode, fn in (("forward", layer_fwd), ("forward+backward", layer_train),
+                     ("selection forward", select_fwd), ("selection fwd+bwd", select_train)):
+        for name, layer in layers.items():
+            if name not in args.variants or mode not in args.modes:
+                continue
+            if name in sfnn.METHODS or not mode.startswith("sel"):
+                jobs[(name, mode)] = (fn, layer)
     counts = torch.zeros(layers["avgk"].n_blocks, dtype=torch.int64, device=args.device)
     chosen = torch.randint(0, layers["avgk"].n_blocks, (args.tokens, args.top_k),
                            generator=gen).to(args.device)
@@ -125,8 +133,12 @@ def measure(args) -> dict:
     return times
 
 
+VARIANTS = sfnn.METHODS + ("avgk+usage",)
+MODES = ("forward", "forward+backward", "selection forward", "selection fwd+bwd")
+
+
 def table(times: dict, args) -> str:
-    modes = ["forward", "forward+backward", "selection forward", "selection fwd+bwd"]
+    modes = [m for m in MODES if m in args.modes]
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     lines = [f"T={args.tokens}, d_model={args.d_model}, d_ff={args.d_ff}, g={args.block_size}, "
              f"top_k={args.top_k}, fp32, gelu, backend={args.backend} on {args.device}, "
@@ -136,25 +148,81 @@ def table(times: dict, args) -> str:
              "",
              "| variant | " + " | ".join(f"{m} ms (vs avgk)" for m in modes) + " |",
              "|---|" + "---|" * len(modes)]
-    for name in list(sfnn.METHODS) + ["avgk+usage"]:
+    for name in VARIANTS:
+        if name not in args.variants:
+            continue
         cells = []
         for m in modes:
-            if (name, m) not in med:
+            if (name, m) not in med or ("avgk", m) not in med:
                 cells.append("")
                 continue
             base = med[("avgk", m)]
             rel = "" if name == "avgk" else f" ({(med[(name, m)] - base) / base * 100:+.1f}%)"
-            if m.startswith("selection"):
-                layer_m = "forward" if m == "selection forward" else "forward+backward"
+            layer_m = "forward" if m in ("forward", "selection forward") else "forward+backward"
+            if m.startswith("selection") and ("avgk", layer_m) in med:
                 rel += f", {med[(name, m)] / med[('avgk', layer_m)] * 100:.1f}% of avgk layer"
             cells.append(f"{med[(name, m)]:.1f}{rel}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    usage = med[("usage update", "alone")]
-    lines += ["", f"usage update alone (index_add_ of T*top_k = {args.tokens * args.top_k} "
-                  f"ones into {args.d_ff // args.block_size} int64 counts): {usage:.3f} ms = "
-                  f"{usage / med[('avgk', 'forward')] * 100:.3f}% of the avgk forward, "
-                  f"{usage / med[('avgk', 'forward+backward')] * 100:.3f}% of forward+backward"]
+    # Paired: each round's time over the avgk time of the same round (adjacent calls), whose
+    # median shrugs off the drift a loaded machine adds between rounds.
+    paired = []
+    for name in VARIANTS:
+        if name == "avgk" or name not in args.variants:
+            continue
+        cells = []
+        for m in modes:
+            a, b = times.get(("avgk", m)), times.get((name, m))
+            if not a or not b:
+                cells.append("")
+                continue
+            r = sorted(tb / ta - 1 for ta, tb in zip(a, b, strict=True))
+            q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+            cells.append(f"{q[1] * 100:+.1f}% [{q[0] * 100:+.1f}, {q[2] * 100:+.1f}]")
+        paired.append(f"| {name} | " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Paired per round (median, [quartiles]) of variant time / avgk time - 1:",
+                  "", "| variant | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+        lines += paired
+    usage = med.get(("usage update", "alone"))
+    if usage is not None and ("avgk", "forward") in med and ("avgk", "forward+backward") in med:
+        lines += ["", f"usage update alone (index_add_ of T*top_k = {args.tokens * args.top_k} "
+                      f"ones into {args.d_ff // args.block_size} int64 counts): {usage:.3f} ms "
+                      f"= {usage / med[('avgk', 'forward')] * 100:.3f}% of the avgk forward, "
+                      f"{usage / med[('avgk', 'forward+backward')] * 100:.3f}% of "
+                      "forward+backward"]
     return "\n".join(lines)
+
+
+def provenance(args) -> str:
+    """Where and when: date, machine, versions, sfnn commit, OMP wait policy, command line."""
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else \
+        f"{cpu} ({os.cpu_count()} logical cores)"
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# Selection cost beside Avg-K (bench/selection_cost.py)\n\n"
+            f"{now}; {device}; python {platform.python_version()}, torch {torch.__version__}; "
+            f"sfnn {commit or 'unknown'}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}"
+            f"\n\n`python bench/selection_cost.py {' '.join(sys.argv[1:])}`\n")
+
+
+def _subset(p, flag: str, value: str, allowed: tuple) -> set:
+    chosen = {v.strip() for v in value.split(",") if v.strip()}
+    bad = chosen - set(allowed)
+    if bad or not chosen:
+        p.error(f"{flag} takes a comma-separated subset of {','.join(allowed)}, got {value!r}")
+    return chosen
 
 
 def main() -> None:
@@ -171,10 +239,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall-clock time, or the process's CPU time (CPU device only)")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (avgk is always kept)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)}")
     args = p.parse_args()
+    args.variants = _subset(p, "--variants", args.variants, VARIANTS) | {"avgk"}
+    args.modes = _subset(p, "--modes", args.modes, MODES)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures the process's CPU time: CPU device only")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(table(measure(args), args))
+    text = table(measure(args), args)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(provenance(args) + "\n" + text + "\n")
 
 
 if __name__ == "__main__":

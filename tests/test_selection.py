@@ -793,3 +793,42 @@ def test_selection_providers_run_in_the_sweep():
             run, y0 = providers.make_runner(name, pb)
             run()
             assert y0.shape == (8, 16) and torch.isfinite(y0).all(), (name, mode)
+
+
+def test_selection_cost_bench_writes_its_tables(tmp_path, monkeypatch):
+    """bench/selection_cost.py on a tiny shape: every variant and mode timed, the paired table,
+    the usage line and the provenance header in --out; a subset keeps only what was asked."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "selection_cost.py"
+    spec = importlib.util.spec_from_file_location("selection_cost", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = ["--tokens", "16", "--d-model", "16", "--d-ff", "64", "--block-size", "8",
+            "--top-k", "2", "--vocab", "50", "--rounds", "2", "--threads", "1"]
+    threads = torch.get_num_threads()
+
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", ["selection_cost.py", *tiny, *extra])
+        try:
+            bench.main()
+        finally:
+            torch.set_num_threads(threads)
+
+    out = tmp_path / "all.md"
+    run("--clock", "cpu", "--out", str(out))
+    text = out.read_text()
+    assert text.startswith("# Selection cost beside Avg-K") and "sfnn " in text
+    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    for name in (*sfnn.METHODS, "avgk+usage"):
+        assert name in rows, name
+    assert "Paired per round" in text and "usage update alone" in text
+    sub = tmp_path / "sub.md"
+    run("--variants", "hash", "--modes", "forward", "--out", str(sub))
+    lines = [ln for ln in sub.read_text().splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in lines] == ["variant", "avgk", "hash", "variant",
+                                                          "hash"]
+    with pytest.raises(SystemExit):
+        run("--variants", "nope")
