@@ -137,7 +137,8 @@ def block_ffn_specs() -> list[AOTSpec]:
                             name=name, kernel=jit,
                             signature=signature(jit, cx, _FFN_POINTERS, f"*{t}"),
                             constexprs=cx, is_gemm=kind == "mma", num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, kernel_name=f"block_ffn_{kernel}",
+                            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                            kernel_name=f"block_ffn_{kernel}",
                             dtype=label, block_size=g, rows=cfg.kwargs["BLOCK_T"]))
     return specs
 
