@@ -267,6 +267,10 @@ def probe_sparse(shape, schedule: str, device: str, clock: Clock, reps: int,
         model["fwd fused"] = model.pop("fwd pre-activation") + model.pop("fwd output")
     model["fwd+bwd"] = sum(model.values())
     rows, medians = [], {}
+    chosen = autotuned_configs()
+    if chosen:
+        rows.append(dict(part="sparse", schedule=schedule, slice_d=width, phase="configs",
+                         note=chosen))
     for phase in PHASE_ORDER:
         xs = [t[phase] for t in per_step if phase in t]
         if not xs:
@@ -276,6 +280,23 @@ def probe_sparse(shape, schedule: str, device: str, clock: Clock, reps: int,
         rows.append(dict(part="sparse", schedule=schedule, slice_d=width, phase=phase, ms=med,
                          ms_p20=p20, ms_p80=p80, model_ms=model.get(phase, "")))
     return rows, medians
+
+
+def autotuned_configs() -> str:
+    """The config the autotuner chose last for each block-FFN kernel ("" under the
+    interpreter, which has one config per kernel)."""
+    import triton
+    from sfnn.triton_kernels import block_ffn
+
+    out = []
+    for name in ("fwd", "pre", "out", "dh", "dx", "dw"):
+        tuner = getattr(block_ffn, f"_block_ffn_{name}_kernel")
+        while not isinstance(tuner, triton.runtime.Autotuner):
+            tuner = tuner.fn
+        best = getattr(tuner, "best_config", None)
+        if best is not None and len(tuner.configs) > 1:
+            out.append(f"{name}: {getattr(best, 'name', str(best))}")
+    return "; ".join(out)
 
 
 def write(out_dir: str, meta: dict, rows: list, notes: list) -> None:
@@ -324,6 +345,10 @@ def write(out_dir: str, meta: dict, rows: list, notes: list) -> None:
                         cells.append("-")
                 if any(c != "-" for c in cells):
                     md.append(f"| {phase} | " + " | ".join(cells) + " |")
+            for s in scheds:
+                cfg = [r for r in mine if r.get("schedule") == s and r["phase"] == "configs"]
+                if cfg:
+                    md.append(f"\n{s}: autotuned configs: {cfg[0]['note']}")
             if "dense fwd+bwd" in dense:
                 for s in scheds:
                     tot = [r["ms"] for r in mine if r.get("schedule") == s
@@ -407,7 +432,7 @@ def main(argv=None) -> int:
         new = [{**where, **r} for r in new]
         rows += new
         log(f"{part} {schedule or ''} {where}: " + ", ".join(
-            f"{r['phase']} {r['ms']:.3f} ms" for r in new))
+            f"{r['phase']} {r['ms']:.3f} ms" for r in new if "ms" in r))
         write(args.out, meta, rows, notes)
         if device == "cuda":
             torch.cuda.empty_cache()

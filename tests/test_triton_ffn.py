@@ -203,9 +203,9 @@ _DETERMINISM_SCRIPT = """
 import hashlib, sys, torch
 sys.path.insert(0, {tests!r})
 from test_triton_ffn import _problem, _triton
-p = _problem(45, 40, 24, 5, 3, dtype=torch.bfloat16, device={device!r}, mode="hot", seed=4)
+p = _problem(20, 40, 16, 4, 2, dtype=torch.bfloat16, device={device!r}, mode="hot", seed=4)
 h = hashlib.sha256()
-for t in _triton(p, g=24, activation="gelu", deterministic=True, schedule={schedule!r}):
+for t in _triton(p, g=16, activation="gelu", deterministic=True, schedule={schedule!r}):
     h.update(t.detach().float().cpu().numpy().tobytes())
 print(h.hexdigest())
 """

@@ -49,14 +49,17 @@ class KernelConfig(triton.Config):
         return 32 * self.num_warps
 
 
+# Without an explicit register limit, ptxas (triton 3.6's and 3.9's) caps some of these kernels
+# at 64-128 registers for occupancy and spills; ".maxnreg 255" lets it use what the tiles need.
+_MAXNREG = 255
+
+
 def _mma(**kw) -> KernelConfig:
-    return KernelConfig("mma", **kw)
+    return KernelConfig("mma", maxnreg=_MAXNREG, **kw)
 
 
 def _fma(**kw) -> KernelConfig:
-    # ptxas caps some of these small-tile kernels at 64-128 registers and spills (its occupancy
-    # heuristic); an explicit limit of 255 lets it use what the FMA operand tiles need.
-    return KernelConfig("fma", maxnreg=255, **kw)
+    return KernelConfig("fma", maxnreg=_MAXNREG, **kw)
 
 
 # Tensor-core tiles keep M (the token tile; for dW the d_model chunk) >= 64 so that sm_90 runs the
