@@ -88,6 +88,7 @@ _GPU_CONFIGS = {
         _mma(BLOCK_T=64, BLOCK_D=128, num_warps=8, num_stages=3),
         _mma(BLOCK_T=64, BLOCK_D=64, num_warps=4, num_stages=3),
         _mma(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=2),
+        _mma(BLOCK_T=64, BLOCK_D=32, num_warps=8, num_stages=2),
         _fma(BLOCK_T=32, BLOCK_D=32, num_warps=8, num_stages=2),
     ],
     "dh": [
