@@ -204,20 +204,19 @@ import hashlib, sys, torch
 sys.path.insert(0, {tests!r})
 from test_triton_ffn import _problem, _triton
 p = _problem(20, 40, 16, 4, 2, dtype=torch.bfloat16, device={device!r}, mode="hot", seed=4)
-h = hashlib.sha256()
-for t in _triton(p, g=16, activation="gelu", deterministic=True, schedule={schedule!r}):
-    h.update(t.detach().float().cpu().numpy().tobytes())
-print(h.hexdigest())
+for schedule in ("tile", "slice"):
+    h = hashlib.sha256()
+    for t in _triton(p, g=16, activation="gelu", deterministic=True, schedule=schedule):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    print(schedule, h.hexdigest())
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["tile", "slice"])
-def test_deterministic_across_processes(schedule, device):
-    """Deterministic mode gives the same bits in two fresh processes: no autotuning (whose
-    winner may differ between processes) decides a reduction order there."""
-    code = _DETERMINISM_SCRIPT.format(tests=os.path.dirname(__file__), device=str(device),
-                                      schedule=schedule)
+def test_deterministic_across_processes(device):
+    """Deterministic mode gives the same bits in two fresh processes, under both schedules: no
+    autotuning (whose winner may differ between processes) decides a reduction order there."""
+    code = _DETERMINISM_SCRIPT.format(tests=os.path.dirname(__file__), device=str(device))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
     digests = []
@@ -225,8 +224,10 @@ def test_deterministic_across_processes(schedule, device):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        digests.append(proc.stdout.strip().splitlines()[-1])
-    assert digests[0] == digests[1] and len(digests[0]) == 64
+        digests.append(proc.stdout.strip().splitlines()[-2:])
+    assert digests[0] == digests[1], digests
+    assert [d.split()[0] for d in digests[0]] == ["tile", "slice"]
+    assert all(len(d.split()[1]) == 64 for d in digests[0])
 
 
 def test_deterministic_never_autotunes(monkeypatch, device):
@@ -270,10 +271,17 @@ NEEDS = [
 _NEEDED_KERNELS = {0: {"dh", "dx"}, 1: {"dh", "dw"}, 2: {"dh", "dw"}, 3: {"dh", "dw"}, 4: {"dh"}}
 
 
-@pytest.mark.parametrize("needs", NEEDS)
-def test_needs_skips_work(needs, device, monkeypatch):
+@pytest.fixture(scope="module")
+def needs_case():
+    """One problem and its full deterministic backward, shared by the ``needs`` cases."""
+    device = "cpu" if ON_CPU else "cuda"
     p = _problem(31, 40, 16, 5, 2, dtype=torch.float32, device=device, mode="dup", seed=6)
-    full = _triton(p, g=16, activation="gelu", deterministic=True)
+    return p, _triton(p, g=16, activation="gelu", deterministic=True)
+
+
+@pytest.mark.parametrize("needs", NEEDS)
+def test_needs_skips_work(needs, needs_case, monkeypatch):
+    p, full = needs_case
     launched = []
     real = block_ffn._launch
 
@@ -317,6 +325,35 @@ def test_backward_reuses_the_forward_routing(device, monkeypatch):
         p["x"], p["keys"], p["values"], p["indices"], None, None, None, block_size=16,
         activation="gelu", save_for_backward=False, deterministic=False)
     assert saved.numel() == 0 and packed.numel() == 0
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_launch_grids_follow_the_combine(deterministic, monkeypatch):
+    """By slot (deterministic), each launch covers one slot's T pairs: the forward and dx launch
+    once per slot at that slot's segments, and the one dh launch has a grid column per slot
+    (its programs scan only their slot's segments, not every (slot, block) segment). Atomic: one
+    launch over all T * top_k pairs. The kernels are not run, only their grids inspected."""
+    T, d, g, nb, k = 24, 32, 16, 5, 3
+    p = _problem(T, d, g, nb, k, dtype=torch.float32, device="cpu", mode="hot", seed=7)
+    launches = []
+    monkeypatch.setattr(block_ffn, "_launch", lambda kernel, kind, grid, args, consts, det:
+                        launches.append((kind, grid, args)))
+    _triton(p, g=g, activation="gelu", deterministic=deterministic, schedule="tile")
+    kinds = [kind for kind, _, _ in launches]
+    pairs, slots = (T, k) if deterministic else (T * k, 1)
+    assert kinds == ["fwd"] * slots + ["dh"] + ["dx"] * slots + ["dw", "dw"], kinds
+    meta = {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_G": 16}
+    n_tiles = max_tiles(pairs, nb, 16)
+    for kind, grid, _ in launches:
+        if kind == "dh":
+            assert grid(meta) == (n_tiles, slots)
+        elif kind in ("fwd", "dx"):
+            assert grid(meta)[0] == n_tiles
+    runtime_args = [n for n, is_constexpr in _common.kernel_parameters(
+        block_ffn._block_ffn_fwd_kernel) if not is_constexpr]
+    at = runtime_args.index("seg_base")
+    seg_bases = [args[at] for kind, _, args in launches if kind == "fwd"]
+    assert seg_bases == [j * nb for j in range(slots)]
 
 
 def test_several_slices_and_partial_last_slice(device, poison):
