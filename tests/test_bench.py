@@ -171,6 +171,7 @@ def test_smoke_sweep(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == sorted(OUTPUTS)
 
 
+@pytest.mark.slow  # ~2.5 min on 2 shared cores: the probe runs every kernel in the interpreter
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu"
