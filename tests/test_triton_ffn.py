@@ -490,6 +490,10 @@ def test_aot_specs_cover_every_kernel_and_dtype():
             assert s.is_gemm == ("ieee" not in s.name), s.name
             if s.is_gemm:
                 assert s.constexprs["BLOCK_T"] >= 64 or s.constexprs["BLOCK_D"] >= 64, s.name
+    for kernel in ("fwd", "pre", "out", "dh", "dx"):  # the gated kernels (dW: the plain one)
+        for label in ("bf16", "fp32-tf32", "fp32-ieee"):
+            assert f"gated_ffn_{kernel}[{label}," in names, (kernel, label)
+    assert "gated_ffn_dh[bf16,g=256," in names and ",recompute]" in names
     for rows in (64, 128):  # the report's 128-row bf16 table has rows at g=64 and g=128
         assert any(s.rows >= 128 and s.dtype == "bf16" and s.block_size == rows
                    for s in specs if s.kernel_name == "block_ffn_fwd")
@@ -530,12 +534,15 @@ def test_configs_describe_themselves():
 def test_autotune_keys_hold_every_untuned_constexpr():
     """A config tuned for one variant is never reused for another: the key holds DOT_PREC and
     every other constexpr that changes the compiled code."""
-    from sfnn.triton_kernels import avgk_topk, block_means
+    from sfnn.triton_kernels import avgk_topk, block_means, gated_ffn
 
     kernels = [block_ffn._block_ffn_fwd_kernel, block_ffn._block_ffn_pre_kernel,
                block_ffn._block_ffn_out_kernel, block_ffn._block_ffn_dh_kernel,
                block_ffn._block_ffn_dx_kernel, block_ffn._block_ffn_dw_kernel,
-               avgk_topk._avgk_topk_kernel, block_means._block_means_kernel]
+               gated_ffn._gated_fwd_kernel, gated_ffn._gated_pre_kernel,
+               gated_ffn._gated_out_kernel, gated_ffn._gated_dh_kernel,
+               gated_ffn._gated_dx_kernel, avgk_topk._avgk_topk_kernel,
+               block_means._block_means_kernel]
     for k in kernels:
         tuner = k
         while not isinstance(tuner, block_ffn.triton.runtime.Autotuner):
@@ -548,10 +555,11 @@ def test_autotune_keys_hold_every_untuned_constexpr():
 
 
 def test_every_launcher_guards_its_device(monkeypatch):
-    from sfnn.triton_kernels import avgk_topk, block_means
+    from sfnn.triton_kernels import avgk_topk, block_means, gated_ffn
 
-    for f in (block_ffn.block_ffn_fwd, block_ffn.block_ffn_bwd, avgk_topk.avgk_topk,
-              block_means.block_means):
+    for f in (block_ffn.block_ffn_fwd, block_ffn.block_ffn_bwd, block_ffn.plain_ffn_fwd,
+              block_ffn.plain_ffn_bwd, gated_ffn.gated_ffn_fwd, gated_ffn.gated_ffn_bwd,
+              avgk_topk.avgk_topk, block_means.block_means):
         assert getattr(f, "device_guarded", False), f.__name__
     seen = []
     monkeypatch.setattr(torch.cuda, "device", lambda dev: seen.append(dev) or _Null())

@@ -7,7 +7,8 @@ that gains a parameter fails here loudly instead of drifting from a hand-kept tu
 
 Which instances are compiled: every tuning config of every kernel for each dtype and dot kind,
 at the largest block size at which the prune step keeps it (registers grow with the block), with
-every optional input on (the superset of the work); plus, for bf16, the 128-row configs at block
+every optional input on (the superset of the work), for the plain and the gated kernels
+(``gated_ffn.py``, pruned for their two tiles); plus, for bf16, the 128-row configs at block
 sizes 64 and 128 (the report's table) and the variants whose code differs most (the deterministic
 middle-slot combine, the dh recompute of A).
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import _configs, avgk_topk, block_ffn, block_means
+from . import _configs, avgk_topk, block_ffn, block_means, gated_ffn
 from ._common import TRITON_DTYPE_NAMES, dot_kind, kernel_parameters, unwrap
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -108,37 +109,60 @@ def _ffn_flag_sets(kernel: str, label: str, G: int, heaviest: bool) -> list[tupl
     return [("", dict(HAS_DW=True, HAS_DB=True))]
 
 
-def block_ffn_specs() -> list[AOTSpec]:
+# The gated kernels (gated_ffn.py); their weight gradients run on the plain dW kernel above.
+_GATED_KERNELS = {"fwd": gated_ffn._gated_fwd_kernel, "pre": gated_ffn._gated_pre_kernel,
+                  "out": gated_ffn._gated_out_kernel, "dh": gated_ffn._gated_dh_kernel,
+                  "dx": gated_ffn._gated_dx_kernel}
+
+
+def _gated_flags(flags: dict, kernel: str) -> dict:
+    """The gated kernel's flags: the plain kernel's, plus the gate bias where A is formed."""
+    return dict(flags, HAS_GB=True) if kernel in ("fwd", "pre", "dh") else flags
+
+
+def block_ffn_specs(gated: bool = False) -> list[AOTSpec]:
+    """The block-FFN kernels' specs (``gated``: the gated kernels', pruned for two tiles, at
+    the largest block size each config is kept for)."""
     specs = []
-    for kernel, fn in _FFN_KERNELS.items():
+    prefix = "gated_ffn" if gated else "block_ffn"
+    for kernel, fn in (_GATED_KERNELS if gated else _FFN_KERNELS).items():
         jit = unwrap(fn)
         for label, dtype, prec in FFN_KINDS:
+            if gated and label == "fp16":  # the bf16 code path with another element type
+                continue
             elem = torch.tensor([], dtype=dtype).element_size()
             kind = dot_kind(dtype, prec)
             t = TRITON_DTYPE_NAMES[dtype]
             for cfg in _configs.configs(kernel, interpret=False):
                 if cfg.dot != kind:
                     continue
-                kept = [g for g in BLOCK_SIZES if _configs.fits(kernel, cfg, g, elem)]
+                if gated:  # where a launch takes it, the last-resort config included
+                    kept = [g for g in BLOCK_SIZES if any(
+                        c is cfg for c in _configs.launch_configs(
+                            kernel, kind, g, elem, interpret=False, gated=True))]
+                else:
+                    kept = [g for g in BLOCK_SIZES if _configs.fits(kernel, cfg, g, elem)]
                 if not kept:
                     continue
-                sizes = {max(kept): True}
-                if label == "bf16" and cfg.kwargs["BLOCK_T"] >= 128:
+                sizes = {max(kept): not gated or kernel == "dh"}
+                if label == "bf16" and cfg.kwargs["BLOCK_T"] >= 128 and not gated:
                     sizes.update({g: sizes.get(g, False) for g in REPORT_BLOCK_SIZES if g in kept})
                 for g, heaviest in sorted(sizes.items()):
                     for suffix, flags in _ffn_flag_sets(kernel, label, g, heaviest):
+                        if gated:
+                            flags = _gated_flags(flags, kernel)
                         cx = dict(flags, BS=g, G=block_ffn.padded_block(g), DOT_PREC=prec,
                                   **cfg.kwargs)
                         if "CHUNK" in {n for n, _ in kernel_parameters(jit)}:
                             cx["CHUNK"] = block_ffn._SCHED_CHUNK
-                        name = f"block_ffn_{kernel}[{label},g={g},{cfg.name}" + (
+                        name = f"{prefix}_{kernel}[{label},g={g},{cfg.name}" + (
                             f",{suffix}]" if suffix else "]")
                         specs.append(AOTSpec(
                             name=name, kernel=jit,
                             signature=signature(jit, cx, _FFN_POINTERS, f"*{t}"),
                             constexprs=cx, is_gemm=kind == "mma", num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                            kernel_name=f"block_ffn_{kernel}",
+                            kernel_name=f"{prefix}_{kernel}",
                             dtype=label, block_size=g, rows=cfg.kwargs["BLOCK_T"]))
     return specs
 
@@ -191,4 +215,4 @@ def block_means_specs() -> list[AOTSpec]:
 
 def specs() -> list[AOTSpec]:
     """Every spec of every kernel."""
-    return avgk_topk_specs() + block_means_specs() + block_ffn_specs()
+    return avgk_topk_specs() + block_means_specs() + block_ffn_specs() + block_ffn_specs(True)

@@ -154,10 +154,14 @@ def max_block_d(interpret: bool = INTERPRET) -> int:
     return max(c.kwargs.get("BLOCK_D", 0) for k in KERNELS for c in configs(k, interpret))
 
 
-def fits(kernel: str, cfg: KernelConfig, G: int, elem: int, load_a: bool = True) -> bool:
+def fits(kernel: str, cfg: KernelConfig, G: int, elem: int, load_a: bool = True,
+         gated: bool = False) -> bool:
     """Whether ``cfg`` compiles for ``kernel`` at padded block size ``G`` and element size
     ``elem`` without spilling and within shared memory, on sm_80 and sm_90 (an estimate, fitted
     to the compiled kernels; ``load_a``: the dh kernel loads A rather than recomputing it).
+    ``gated``: the gated kernels (``gated_ffn.py``) hold two pre-activation tiles (gate and up)
+    and read two weight tables where the plain ones hold one: counted as a block twice as wide
+    (a conservative first calibration; the dW kernel is shared and unchanged).
 
     Registers: the fp32 elements per thread the kernel holds at its peak (accumulators and the
     on-chip operand tile) within ``_REG_LIMITS``. Shared memory, in bytes, as the compiler lays
@@ -171,6 +175,12 @@ def fits(kernel: str, cfg: KernelConfig, G: int, elem: int, load_a: bool = True)
     s = cfg.num_stages
     if cfg.dot == "fma":
         return _fits_fma(kernel, cfg, G, load_a)
+    if gated and kernel == "dh":  # dH, both pre-activation chunks and both dA chunks
+        regs = 2 * bt * bg / t
+        smem = s * (bt * bk + bk * bg) * elem * (1 if load_a else 2)
+        return bg <= G and regs <= _REG_LIMITS["dh"] and smem <= _SMEM_LIMIT
+    if gated and kernel != "dw":
+        return fits(kernel, cfg, 2 * G, elem, load_a)
     if kernel == "fwd":  # H [BT, G] in fp32, then the output chunk [BT, BD]
         regs = bt * (G + bd) / t * (1.2 if elem == 4 else 1)  # tf32 operand tiles are wider
         # sm_90 takes a 16-bit H from registers, a tf32 one from shared memory.
@@ -219,14 +229,14 @@ def _fits_fma(kernel: str, cfg: KernelConfig, G: int, load_a: bool) -> bool:
 
 
 def launch_configs(kernel: str, dot: str, G: int, elem: int, load_a: bool = True,
-                   interpret: bool = INTERPRET) -> list[KernelConfig]:
+                   interpret: bool = INTERPRET, gated: bool = False) -> list[KernelConfig]:
     """The configs the prune step keeps for a launch (never empty: the last resort is the
-    smallest config of the dot kind)."""
+    smallest config of the dot kind); ``gated``: for the gated kernels (see :func:`fits`)."""
     cands = configs(kernel, interpret)
     if interpret:
         return cands
     mine = [c for c in cands if c.dot == dot]
-    kept = [c for c in mine if fits(kernel, c, G, elem, load_a)]
+    kept = [c for c in mine if fits(kernel, c, G, elem, load_a, gated)]
     if kept:
         return kept
     small = [c for c in mine if c.kwargs.get("BLOCK_G", 0) <= G] or mine
@@ -234,9 +244,9 @@ def launch_configs(kernel: str, dot: str, G: int, elem: int, load_a: bool = True
 
 
 def fixed_config(kernel: str, dot: str, G: int, elem: int, load_a: bool = True,
-                 interpret: bool = INTERPRET) -> KernelConfig:
+                 interpret: bool = INTERPRET, gated: bool = False) -> KernelConfig:
     """The one config deterministic mode uses: the first that fits (no timing involved)."""
-    return launch_configs(kernel, dot, G, elem, load_a, interpret)[0]
+    return launch_configs(kernel, dot, G, elem, load_a, interpret, gated)[0]
 
 
 def _table() -> str:

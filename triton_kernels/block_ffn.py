@@ -471,16 +471,18 @@ def resolve_schedule(schedule: str | None, T: int, d_model: int, d_ff: int, bloc
     return "slice", slice_d
 
 
-def _launch(kernel, kind: str, grid, args, consts: dict, deterministic: bool):
+def _launch(kernel, kind: str, grid, args, consts: dict, deterministic: bool,
+            gated: bool = False):
     """Launch ``kernel``: autotuned, or in deterministic mode with its one fixed config
-    (:func:`_configs.fixed_config`), so that results never depend on which config won a timing
-    race in this process."""
+    (:func:`_configs.fixed_config`; ``gated``: of the gated kernels, ``gated_ffn.py``), so that
+    results never depend on which config won a timing race in this process."""
     if not deterministic:
         kernel[grid](*args, **consts)
         return
     first = next(a for a in args if isinstance(a, torch.Tensor))
     cfg = _configs.fixed_config(kind, dot_kind(first.dtype, consts["DOT_PREC"]), consts["G"],
-                                first.element_size(), consts.get("LOAD_A", True))
+                                first.element_size(), consts.get("LOAD_A", True),
+                                gated=gated and kind != "dw")
     unwrap(kernel)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
 
@@ -504,8 +506,53 @@ def _contig(t):
 
 @on_tensor_device
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
+                  activation, save_for_backward, deterministic, schedule=None, slice_d=None,
+                  gate_keys=None, gate_bias=None):
+    """Block FFN forward over ``indices``: the plain FFN (:func:`plain_ffn_fwd`), or the gated
+    one when ``gate_keys`` is given (``gated_ffn.gated_ffn_fwd``; gate_bias only with it)."""
+    if gate_keys is None:
+        assert gate_bias is None, "gate_bias without gate_keys"
+        return plain_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
+                             block_size=block_size, activation=activation,
+                             save_for_backward=save_for_backward, deterministic=deterministic,
+                             schedule=schedule, slice_d=slice_d)
+    from .gated_ffn import gated_ffn_fwd
+
+    return gated_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, gate_keys,
+                         gate_bias, block_size=block_size, activation=activation,
+                         save_for_backward=save_for_backward, deterministic=deterministic,
+                         schedule=schedule, slice_d=slice_d)
+
+
+@on_tensor_device
+def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route=None, *,
+                  block_size, activation, deterministic, needs=(True,) * 5, schedule=None,
+                  slice_d=None, gate_keys=None, gate_bias=None):
+    """Block FFN backward: the plain FFN's (:func:`plain_ffn_bwd`) or, when ``gate_keys`` is
+    given, the gated one's (``gated_ffn.gated_ffn_bwd``). Returns one gradient per flag of
+    ``needs`` (``sfnn.ops.GRAD_NAMES`` order): 5 (x, keys, values, key_bias, gates) or 7 (also
+    gate_keys, gate_bias; None for a plain FFN)."""
+    assert len(needs) in (5, 7), needs
+    if gate_keys is None:
+        assert gate_bias is None, "gate_bias without gate_keys"
+        grads = plain_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route,
+                              block_size=block_size, activation=activation,
+                              deterministic=deterministic, needs=tuple(needs[:5]),
+                              schedule=schedule, slice_d=slice_d)
+        return grads + (None,) * (len(needs) - 5)
+    assert len(needs) == 7, "a gated backward returns 7 gradients: needs has 7 flags"
+    from .gated_ffn import gated_ffn_bwd
+
+    return gated_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route,
+                         gate_keys, gate_bias, block_size=block_size, activation=activation,
+                         deterministic=deterministic, needs=needs, schedule=schedule,
+                         slice_d=slice_d)
+
+
+@on_tensor_device
+def plain_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
                   activation, save_for_backward, deterministic, schedule=None, slice_d=None):
-    """Block FFN forward over ``indices``.
+    """Block FFN forward over ``indices`` (the plain, ungated FFN).
 
     x2d: (T, d) fp32/fp16/bf16, T >= 1; keys, values: (d_ff, d) same dtype; indices: int32
     (T, top_k); key_bias (d_ff,) / out_bias (d,) / gates float32 (T, top_k) or None.
@@ -585,12 +632,12 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
 
 
 @on_tensor_device
-def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route=None, *,
+def plain_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route=None, *,
                   block_size, activation, deterministic, needs=(True,) * 5, schedule=None,
                   slice_d=None):
-    """Block FFN backward: ``(dx, dkeys, dvalues, dkey_bias, dgates float32)``, each None when
-    not in ``needs`` (one flag per output, ``sfnn.ops.GRAD_NAMES`` order) or of an absent input;
-    only the kernels the needed outputs depend on run.
+    """Block FFN backward (the plain FFN): ``(dx, dkeys, dvalues, dkey_bias, dgates float32)``,
+    each None when not in ``needs`` (one flag per output, ``sfnn.ops.GRAD_NAMES`` order) or of
+    an absent input; only the kernels the needed outputs depend on run.
 
     dy: (T, d) contiguous in x's dtype; ``saved`` and ``route`` are the forward's (empty: the
     pre-activation is recomputed / the pairs are sorted again). The gradient of ``out_bias`` is
