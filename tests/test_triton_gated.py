@@ -188,3 +188,33 @@ def test_plain_backward_follows_the_length_of_needs(device):
         block_ffn_fwd(p["x"], p["keys"], p["values"], p["indices"], None, None, None,
                       block_size=16, activation="relu", save_for_backward=False,
                       deterministic=False, gate_bias=p["gate_bias"])
+
+
+def test_gated_block_limits_follow_the_compiled_kernels():
+    """Two [BLOCK_T, G] accumulators spill past g=128 (bench/aot_check.py): the fused gated
+    forward is not offered there and the pre-activation kernel runs in cell chunks."""
+    for dot, elem in (("mma", 2), ("mma", 4)):
+        assert _configs.gated_fused_fits(dot, 128, elem, interpret=False)
+        assert not _configs.gated_fused_fits(dot, 256, elem, interpret=False)
+        assert _configs.gated_pre_cells(dot, 256, elem, interpret=False) == 128
+        assert _configs.gated_pre_cells(dot, 64, elem, interpret=False) == 64
+    assert _configs.gated_pre_cells("fma", 256, 4, interpret=False) == 64
+    assert all(c.num_warps == 8 for c in _configs.launch_configs(
+        "fwd", "mma", 64, 2, interpret=False, gated=True))
+
+
+def test_gated_forward_without_a_fused_config_runs_the_slices(device, monkeypatch):
+    """Where no fused config fits (g=256 on a GPU), the gated forward takes the slice schedule
+    (pre-activation, then output kernel) whatever it was asked for, and stays correct."""
+    p = _problem(21, 40, 24, 3, 2, dtype=torch.float32, device=device, seed=8)
+    launched = []
+    real = block_ffn._launch
+
+    def spy(kernel, kind, *args, **kwargs):
+        launched.append(kind)
+        return real(kernel, kind, *args, **kwargs)
+
+    monkeypatch.setattr(gated_ffn, "_launch", spy)
+    monkeypatch.setattr(_configs, "gated_fused_fits", lambda *a, **k: False)
+    _check(p, g=24, activation="gelu", deterministic=False, schedule="tile")
+    assert launched[:2] == ["pre", "out"] and "fwd" not in launched, launched

@@ -120,15 +120,62 @@ def _gated_flags(flags: dict, kernel: str) -> dict:
     return dict(flags, HAS_GB=True) if kernel in ("fwd", "pre", "dh") else flags
 
 
-def block_ffn_specs(gated: bool = False) -> list[AOTSpec]:
-    """The block-FFN kernels' specs (``gated``: the gated kernels', pruned for two tiles, at
-    the largest block size each config is kept for)."""
+def block_ffn_specs() -> list[AOTSpec]:
     specs = []
-    prefix = "gated_ffn" if gated else "block_ffn"
-    for kernel, fn in (_GATED_KERNELS if gated else _FFN_KERNELS).items():
+    for kernel, fn in _FFN_KERNELS.items():
         jit = unwrap(fn)
         for label, dtype, prec in FFN_KINDS:
-            if gated and label == "fp16":  # the bf16 code path with another element type
+            elem = torch.tensor([], dtype=dtype).element_size()
+            kind = dot_kind(dtype, prec)
+            t = TRITON_DTYPE_NAMES[dtype]
+            for cfg in _configs.configs(kernel, interpret=False):
+                if cfg.dot != kind:
+                    continue
+                kept = [g for g in BLOCK_SIZES if _configs.fits(kernel, cfg, g, elem)]
+                if not kept:
+                    continue
+                sizes = {max(kept): True}
+                if label == "bf16" and cfg.kwargs["BLOCK_T"] >= 128:
+                    sizes.update({g: sizes.get(g, False) for g in REPORT_BLOCK_SIZES if g in kept})
+                for g, heaviest in sorted(sizes.items()):
+                    for suffix, flags in _ffn_flag_sets(kernel, label, g, heaviest):
+                        cx = dict(flags, BS=g, G=block_ffn.padded_block(g), DOT_PREC=prec,
+                                  **cfg.kwargs)
+                        if "CHUNK" in {n for n, _ in kernel_parameters(jit)}:
+                            cx["CHUNK"] = block_ffn._SCHED_CHUNK
+                        name = f"block_ffn_{kernel}[{label},g={g},{cfg.name}" + (
+                            f",{suffix}]" if suffix else "]")
+                        specs.append(AOTSpec(
+                            name=name, kernel=jit,
+                            signature=signature(jit, cx, _FFN_POINTERS, f"*{t}"),
+                            constexprs=cx, is_gemm=kind == "mma", num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                            kernel_name=f"block_ffn_{kernel}",
+                            dtype=label, block_size=g, rows=cfg.kwargs["BLOCK_T"]))
+    return specs
+
+
+def _gated_launch(kernel: str, kind: str, g: int, elem: int) -> tuple[int, list]:
+    """(cells per program, configs) of a gated launch at block size ``g`` as the launcher makes
+    it: the pre kernel in cell chunks, no fused forward where none fits (the slice schedule
+    runs instead), the last-resort config included."""
+    cells = g
+    if kernel == "pre":
+        cells = _configs.gated_pre_cells(kind, g, elem, interpret=False)
+    elif kernel == "fwd" and not _configs.gated_fused_fits(kind, g, elem, interpret=False):
+        return cells, []
+    return cells, _configs.launch_configs(kernel, kind, cells, elem, interpret=False, gated=True)
+
+
+def gated_ffn_specs() -> list[AOTSpec]:
+    """The gated kernels (``gated_ffn.py``) in bf16 (fp16 is the same code with another element
+    type), fp32-tf32 and fp32-ieee: every config at the largest block size a launch takes it,
+    every optional input on; the dh kernel also recomputing its pre-activations."""
+    specs = []
+    for kernel, fn in _GATED_KERNELS.items():
+        jit = unwrap(fn)
+        for label, dtype, prec in FFN_KINDS:
+            if label == "fp16":
                 continue
             elem = torch.tensor([], dtype=dtype).element_size()
             kind = dot_kind(dtype, prec)
@@ -136,34 +183,27 @@ def block_ffn_specs(gated: bool = False) -> list[AOTSpec]:
             for cfg in _configs.configs(kernel, interpret=False):
                 if cfg.dot != kind:
                     continue
-                if gated:  # where a launch takes it, the last-resort config included
-                    kept = [g for g in BLOCK_SIZES if any(
-                        c is cfg for c in _configs.launch_configs(
-                            kernel, kind, g, elem, interpret=False, gated=True))]
-                else:
-                    kept = [g for g in BLOCK_SIZES if _configs.fits(kernel, cfg, g, elem)]
+                kept = [g for g in BLOCK_SIZES
+                        if any(c is cfg for c in _gated_launch(kernel, kind, g, elem)[1])]
                 if not kept:
                     continue
-                sizes = {max(kept): not gated or kernel == "dh"}
-                if label == "bf16" and cfg.kwargs["BLOCK_T"] >= 128 and not gated:
-                    sizes.update({g: sizes.get(g, False) for g in REPORT_BLOCK_SIZES if g in kept})
-                for g, heaviest in sorted(sizes.items()):
-                    for suffix, flags in _ffn_flag_sets(kernel, label, g, heaviest):
-                        if gated:
-                            flags = _gated_flags(flags, kernel)
-                        cx = dict(flags, BS=g, G=block_ffn.padded_block(g), DOT_PREC=prec,
-                                  **cfg.kwargs)
-                        if "CHUNK" in {n for n, _ in kernel_parameters(jit)}:
-                            cx["CHUNK"] = block_ffn._SCHED_CHUNK
-                        name = f"{prefix}_{kernel}[{label},g={g},{cfg.name}" + (
-                            f",{suffix}]" if suffix else "]")
-                        specs.append(AOTSpec(
-                            name=name, kernel=jit,
-                            signature=signature(jit, cx, _FFN_POINTERS, f"*{t}"),
-                            constexprs=cx, is_gemm=kind == "mma", num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-                            kernel_name=f"{prefix}_{kernel}",
-                            dtype=label, block_size=g, rows=cfg.kwargs["BLOCK_T"]))
+                g = max(kept)
+                for suffix, flags in _ffn_flag_sets(kernel, label, g, kernel == "dh"):
+                    cx = dict(_gated_flags(flags, kernel), BS=g, DOT_PREC=prec, **cfg.kwargs,
+                              CHUNK=block_ffn._SCHED_CHUNK)
+                    if kernel == "pre":
+                        cx["BLOCK_C"] = _gated_launch(kernel, kind, g, elem)[0]
+                    else:
+                        cx["G"] = block_ffn.padded_block(g)
+                    name = f"gated_ffn_{kernel}[{label},g={g},{cfg.name}" + (
+                        f",{suffix}]" if suffix else "]")
+                    specs.append(AOTSpec(
+                        name=name, kernel=jit,
+                        signature=signature(jit, cx, _FFN_POINTERS, f"*{t}"),
+                        constexprs=cx, is_gemm=kind == "mma", num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                        kernel_name=f"gated_ffn_{kernel}", dtype=label, block_size=g,
+                        rows=cfg.kwargs["BLOCK_T"]))
     return specs
 
 
@@ -215,4 +255,4 @@ def block_means_specs() -> list[AOTSpec]:
 
 def specs() -> list[AOTSpec]:
     """Every spec of every kernel."""
-    return avgk_topk_specs() + block_means_specs() + block_ffn_specs() + block_ffn_specs(True)
+    return avgk_topk_specs() + block_means_specs() + block_ffn_specs() + gated_ffn_specs()

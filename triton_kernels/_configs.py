@@ -173,6 +173,10 @@ def fits(kernel: str, cfg: KernelConfig, G: int, elem: int, load_a: bool = True,
     bt, t = kw["BLOCK_T"], cfg.threads
     bk, bd, bg = kw.get("BLOCK_K", 0), kw.get("BLOCK_D", 0), kw.get("BLOCK_G", G)
     s = cfg.num_stages
+    if gated and kernel in ("fwd", "pre") and (G > 64 if cfg.dot == "fma" else G > 128):
+        return False  # two [BLOCK_T, G] accumulators spill (aot_check: fwd and pre at g=256)
+    if gated and kernel == "fwd" and cfg.num_warps < 8:
+        return False  # the 4-warp fused gated forward spilled on sm_80 at g=64
     if cfg.dot == "fma":
         return _fits_fma(kernel, cfg, G, load_a)
     if gated and kernel == "dh":  # dH, both pre-activation chunks and both dA chunks
@@ -241,6 +245,26 @@ def launch_configs(kernel: str, dot: str, G: int, elem: int, load_a: bool = True
         return kept
     small = [c for c in mine if c.kwargs.get("BLOCK_G", 0) <= G] or mine
     return [min(small, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs.get("BLOCK_D", 1))]
+
+
+def gated_pre_cells(dot: str, G: int, elem: int, interpret: bool = INTERPRET) -> int:
+    """Cells per program of the gated pre-activation kernel: G, halved until a config fits (its
+    two accumulators spill at g=256); 16 under the interpreter, so that the tests cross
+    several cell chunks."""
+    if interpret:
+        return min(G, 16)
+    c = G
+    while c > 16 and not any(fits("pre", cfg, c, elem, gated=True)
+                             for cfg in configs("pre", interpret) if cfg.dot == dot):
+        c //= 2
+    return c
+
+
+def gated_fused_fits(dot: str, G: int, elem: int, interpret: bool = INTERPRET) -> bool:
+    """Whether a fused gated forward config fits at G; where none does, the gated forward runs
+    the slice schedule (pre-activation in cell chunks, then the output kernel)."""
+    return interpret or any(fits("fwd", cfg, G, elem, gated=True)
+                            for cfg in configs("fwd", interpret) if cfg.dot == dot)
 
 
 def fixed_config(kernel: str, dot: str, G: int, elem: int, load_a: bool = True,

@@ -480,7 +480,8 @@ def _launch(kernel, kind: str, grid, args, consts: dict, deterministic: bool,
         kernel[grid](*args, **consts)
         return
     first = next(a for a in args if isinstance(a, torch.Tensor))
-    cfg = _configs.fixed_config(kind, dot_kind(first.dtype, consts["DOT_PREC"]), consts["G"],
+    cfg = _configs.fixed_config(kind, dot_kind(first.dtype, consts["DOT_PREC"]),
+                                consts.get("BLOCK_C", consts.get("G")),
                                 first.element_size(), consts.get("LOAD_A", True),
                                 gated=gated and kind != "dw")
     unwrap(kernel)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,

@@ -21,7 +21,11 @@ combine schedules, both combine modes, ``needs``); these kernels differ where th
 - the dx kernel adds both products per d_model chunk: ``dX = dAg Kg + dAu Ku``.
 
 Tuning configs are the plain kernels' (``_configs.py``) pruned for two tiles
-(``_configs.fits(..., gated=True)``); ``bench/aot_check.py`` compiles them (``_aot.py``).
+(``_configs.fits(..., gated=True)``); ``bench/aot_check.py`` compiles them (``_aot.py``). Two
+fp32 ``[BLOCK_T, G]`` accumulators spill past g=128 (64 on the FMA path): there the forward
+takes the slice schedule whatever it is asked (no fused config fits,
+:func:`~._configs.gated_fused_fits`) and the pre-activation kernel covers a tile's cells in
+chunks (:func:`~._configs.gated_pre_cells`, ``program_id(2)``).
 """
 from __future__ import annotations
 
@@ -57,7 +61,8 @@ def _tuned(kernel: str, restore_value=()):
     def prune(configs, named_args, **kwargs):
         x = next(v for k, v in named_args.items() if k.endswith("_ptr") and hasattr(v, "dtype"))
         dot_k = dot_kind(x.dtype, kwargs["DOT_PREC"])
-        keep = {id(c) for c in _configs.launch_configs(kernel, dot_k, kwargs["G"],
+        G = kwargs.get("BLOCK_C", kwargs.get("G"))  # the pre kernel's cells per program
+        keep = {id(c) for c in _configs.launch_configs(kernel, dot_k, G,
                                                         x.element_size(),
                                                         kwargs.get("LOAD_A", True), gated=True)}
         return [c for c in configs if id(c) in keep]
@@ -164,11 +169,12 @@ def _gated_pre_kernel(
     x_ptr, gk_ptr, keys_ptr, gb_ptr, kb_ptr, order_ptr, seg_off_ptr, a_ptr,
     d_model, top_k, n_blocks,
     stride_x, stride_k,
-    BS: tl.constexpr, G: tl.constexpr, HAS_GB: tl.constexpr, HAS_KB: tl.constexpr,
+    BS: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GB: tl.constexpr, HAS_KB: tl.constexpr,
     DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Both pre-activations of one tile stored as ``[Ag | Au]`` per sorted row (slice
+    """Both pre-activations of one tile's cell chunk ``program_id(2)`` (BLOCK_C cells: two
+    [BLOCK_T, G] accumulators spill at g=256), stored as ``[Ag | Au]`` per sorted row (slice
     schedule; by slot, ``program_id(1)`` is the slot)."""
     i_t = tl.program_id(0)
     seg_base = tl.program_id(1) * n_blocks
@@ -176,11 +182,11 @@ def _gated_pre_kernel(
                                            top_k, BLOCK_T, CHUNK)
     if found == 0:
         return
-    o_c = tl.arange(0, G)
+    o_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < BS
     cells = i_b * BS + o_c
     b_ag, b_au = _pre2(x_ptr, tok, m_r, gk_ptr, keys_ptr, gb_ptr, kb_ptr, cells, m_c, d_model,
-                       stride_x, stride_k, HAS_GB, HAS_KB, DOT_PREC, BLOCK_T, BLOCK_K, G)
+                       stride_x, stride_k, HAS_GB, HAS_KB, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_C)
     p_a = a_ptr + o_r.to(tl.int64)[:, None] * (2 * BS) + o_c[None, :]
     m_a = m_r[:, None] & m_c[None, :]
     tl.store(p_a, b_ag.to(a_ptr.dtype.element_ty), mask=m_a)
@@ -356,6 +362,10 @@ def gated_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, gate_ke
     n_blocks = keys.shape[0] // block_size
     dtype, dev = x2d.dtype, x2d.device
     by_slot = _by_slot(deterministic, top_k)
+    G, prec = padded_block(block_size), dot_precision(dtype)
+    dot_k = dot_kind(dtype, prec)
+    if not _configs.gated_fused_fits(dot_k, G, x2d.element_size()):
+        schedule = "slice"  # no fused gated forward fits this block size
     schedule, slice_d = resolve_schedule(schedule, T, d_model, keys.shape[0], block_size, top_k,
                                          x2d.element_size(), by_slot, dev, slice_d)
     routing = sort_pairs(indices, n_blocks, by_slot=by_slot)
@@ -376,8 +386,7 @@ def gated_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, gate_ke
     dummy = x2d
     kb = key_bias if key_bias is not None else dummy
     gb = gate_bias if gate_bias is not None else dummy
-    common = dict(BS=block_size, G=padded_block(block_size), DOT_PREC=dot_precision(dtype),
-                  CHUNK=_SCHED_CHUNK)
+    common = dict(BS=block_size, G=G, DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
     biases = dict(HAS_GB=gate_bias is not None, HAS_KB=key_bias is not None)
     combine = dict(HAS_OB=out_bias is not None, HAS_GATES=gates is not None, ATOMIC=not by_slot)
     n_launch = top_k if by_slot else 1
@@ -385,11 +394,14 @@ def gated_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, gate_ke
     n_slices = triton.cdiv(d_model, slice_d)
     grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_slices)
     if sliced:
-        grid_pre = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_launch)
+        cells = _configs.gated_pre_cells(dot_k, G, x2d.element_size())
+        grid_pre = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_launch,
+                                 triton.cdiv(block_size, cells))
+        pre = {k: v for k, v in common.items() if k != "G"}
         _launch_gated(_gated_pre_kernel, "pre", grid_pre,
                       (x2d, gate_keys, keys, gb, kb, routing.order, routing.seg_offsets, a,
                        d_model, top_k, n_blocks, x2d.stride(0), keys.stride(0)),
-                      dict(common, **biases), deterministic)
+                      dict(pre, **biases, BLOCK_C=cells), deterministic)
     for j in range(n_launch):
         order = dict(FIRST=j == 0, LAST=j == n_launch - 1)
         if sliced:
