@@ -199,6 +199,8 @@ def test_gated_block_limits_follow_the_compiled_kernels():
         assert _configs.gated_pre_cells(dot, 256, elem, interpret=False) == 128
         assert _configs.gated_pre_cells(dot, 64, elem, interpret=False) == 64
     assert _configs.gated_pre_cells("fma", 256, 4, interpret=False) == 64
+    assert _configs.gated_dx_fits("mma", 256, 2, interpret=False)
+    assert not _configs.gated_dx_fits("mma", 256, 4, interpret=False)  # fp32: shared memory
     assert all(c.num_warps == 8 for c in _configs.launch_configs(
         "fwd", "mma", 64, 2, interpret=False, gated=True))
 
@@ -218,3 +220,24 @@ def test_gated_forward_without_a_fused_config_runs_the_slices(device, monkeypatc
     monkeypatch.setattr(_configs, "gated_fused_fits", lambda *a, **k: False)
     _check(p, g=24, activation="gelu", deterministic=False, schedule="tile")
     assert launched[:2] == ["pre", "out"] and "fwd" not in launched, launched
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+def test_gated_dx_without_a_config_runs_the_plain_kernel_twice(deterministic, device,
+                                                                 monkeypatch):
+    """Where no gated dx config fits (fp32 at g=256 on a GPU: shared memory), dx is the plain
+    dx kernel over dAg and gate_keys, then over dAu and keys, into one combine."""
+    p = _problem(22, 40, 16, 4, 3, dtype=torch.float32, device=device, seed=9)
+    launched = []
+    real = block_ffn._launch
+
+    def spy(kernel, kind, *args, **kwargs):
+        launched.append((kind, kwargs.get("gated", False)))
+        return real(kernel, kind, *args, **kwargs)
+
+    monkeypatch.setattr(gated_ffn, "_launch", spy)
+    monkeypatch.setattr(_configs, "gated_dx_fits", lambda *a, **k: False)
+    _check(p, g=16, activation="silu", deterministic=deterministic, schedule="slice")
+    plain_dx = [k for k in launched if k == ("dx", False)]
+    assert len(plain_dx) == 2 * (3 if deterministic else 1), launched
+    assert ("dx", True) not in launched

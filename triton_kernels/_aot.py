@@ -164,6 +164,8 @@ def _gated_launch(kernel: str, kind: str, g: int, elem: int) -> tuple[int, list]
         cells = _configs.gated_pre_cells(kind, g, elem, interpret=False)
     elif kernel == "fwd" and not _configs.gated_fused_fits(kind, g, elem, interpret=False):
         return cells, []
+    elif kernel == "dx" and not _configs.gated_dx_fits(kind, g, elem, interpret=False):
+        return cells, []  # the plain dx kernel runs twice instead
     return cells, _configs.launch_configs(kernel, kind, cells, elem, interpret=False, gated=True)
 
 

@@ -267,6 +267,14 @@ def gated_fused_fits(dot: str, G: int, elem: int, interpret: bool = INTERPRET) -
                             for cfg in configs("fwd", interpret) if cfg.dot == dot)
 
 
+def gated_dx_fits(dot: str, G: int, elem: int, interpret: bool = INTERPRET) -> bool:
+    """Whether a gated dx config fits at G (both dA tiles on chip); where none does (fp32 at
+    g=256 exceeds shared memory), the gated backward runs the plain dx kernel twice instead,
+    ``dAg Kg`` then ``dAu Ku``, into one combine."""
+    return interpret or any(fits("dx", cfg, G, elem, gated=True)
+                            for cfg in configs("dx", interpret) if cfg.dot == dot)
+
+
 def fixed_config(kernel: str, dot: str, G: int, elem: int, load_a: bool = True,
                  interpret: bool = INTERPRET, gated: bool = False) -> KernelConfig:
     """The one config deterministic mode uses: the first that fits (no timing involved)."""

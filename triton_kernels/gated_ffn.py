@@ -25,7 +25,8 @@ Tuning configs are the plain kernels' (``_configs.py``) pruned for two tiles
 fp32 ``[BLOCK_T, G]`` accumulators spill past g=128 (64 on the FMA path): there the forward
 takes the slice schedule whatever it is asked (no fused config fits,
 :func:`~._configs.gated_fused_fits`) and the pre-activation kernel covers a tile's cells in
-chunks (:func:`~._configs.gated_pre_cells`, ``program_id(2)``).
+chunks (:func:`~._configs.gated_pre_cells`, ``program_id(2)``). Where no gated dx config fits
+(fp32 at g=256: shared memory), dx runs the plain dx kernel twice into one combine.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from .block_ffn import (
     _act_grad,
     _assert_inputs,
     _block_ffn_dw_kernel,
+    _block_ffn_dx_kernel,
     _by_slot,
     _combine,
     _contig,
@@ -496,13 +498,25 @@ def gated_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route,
                 (T, d_model), device=dev, dtype=torch.float32)
         n_slices = triton.cdiv(d_model, slice_d)
         grid_x = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_slices)
-        for j in range(n_slots):
-            _launch_gated(_gated_dx_kernel, "dx", grid_x,
-                          (gate_keys, keys, routing.order, routing.seg_offsets, dag, dau, acc,
-                           dx, d_model, top_k, n_blocks, j * n_blocks, slice_d, keys.stride(0),
-                           dx.stride(0)),
-                          dict(common, ATOMIC=not by_slot, FIRST=j == 0, LAST=j == n_slots - 1),
-                          deterministic)
+        if _configs.gated_dx_fits(dot_kind(dtype, common["DOT_PREC"]), common["G"],
+                                  x2d.element_size()):
+            for j in range(n_slots):
+                _launch_gated(_gated_dx_kernel, "dx", grid_x,
+                              (gate_keys, keys, routing.order, routing.seg_offsets, dag, dau,
+                               acc, dx, d_model, top_k, n_blocks, j * n_blocks, slice_d,
+                               keys.stride(0), dx.stride(0)),
+                              dict(common, ATOMIC=not by_slot, FIRST=j == 0,
+                                   LAST=j == n_slots - 1), deterministic)
+        else:  # the plain dx kernel twice, dAg Kg then dAu Ku, into one combine (by slot: in
+            # that fixed order, the first pass's first slot storing, the second's last writing)
+            passes = [(gate_keys, dag, j) for j in range(n_slots)] + [
+                (keys, dau, j) for j in range(n_slots)]
+            for i, (table, da, j) in enumerate(passes):
+                _launch(_block_ffn_dx_kernel, "dx", grid_x,
+                        (table, routing.order, routing.seg_offsets, da, acc, dx, d_model,
+                         top_k, n_blocks, j * n_blocks, slice_d, table.stride(0), dx.stride(0)),
+                        dict(common, ATOMIC=not by_slot, FIRST=i == 0,
+                             LAST=i == len(passes) - 1), deterministic)
         if not by_slot and acc is not dx:
             dx.copy_(acc)
 
