@@ -175,8 +175,8 @@ def fits(kernel: str, cfg: KernelConfig, G: int, elem: int, load_a: bool = True,
     s = cfg.num_stages
     if gated and kernel in ("fwd", "pre") and (G > 64 if cfg.dot == "fma" else G > 128):
         return False  # two [BLOCK_T, G] accumulators spill (aot_check: fwd and pre at g=256)
-    if gated and kernel == "fwd" and cfg.num_warps < 8:
-        return False  # the 4-warp fused gated forward spilled on sm_80 at g=64
+    if gated and kernel == "fwd" and (cfg.num_warps < 8 or bt * bk > 64 * 64):
+        return False  # spilled on sm_80 at g=64: 4 warps (3.9), 128 rows x BLOCK_K 64 (3.6)
     if cfg.dot == "fma":
         return _fits_fma(kernel, cfg, G, load_a)
     if gated and kernel == "dh":  # dH, both pre-activation chunks and both dA chunks
