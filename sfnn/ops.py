@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import torch
@@ -59,10 +58,10 @@ GRAD_NAMES = ("x", "keys", "values", "key_bias", "gates", "gate_keys", "gate_bia
 # The plain FFN's gradients: what a backend without a gated path computes and returns.
 PLAIN_GRAD_NAMES = GRAD_NAMES[:5]
 # The backends with a gated path (gate_keys=/gate_bias= in block_ffn_fwd/bwd, seven gradients).
-# The CUDA extension's decode kernels have the gated gather-GEMV (forward only). When the Triton
-# gated kernels land, add "triton" here: backend="auto" then routes gated calls on CUDA tensors
-# to them instead of the torch path.
-GATED_BACKENDS = frozenset({"torch", "cuda"})
+# The CUDA extension's decode kernels have the gated gather-GEMV (forward only); Triton's gated
+# kernels are triton_kernels/gated_ffn.py. A backend left out of this set gets no gated call:
+# backend="auto" routes gated calls to the next backend that has one (torch in the end).
+GATED_BACKENDS = frozenset({"torch", "cuda", "triton"})
 # The CUDA extension serves decoding: at most this many tokens under backend="auto".
 CUDA_DECODE_MAX_TOKENS = 15
 
@@ -106,7 +105,13 @@ def _cuda_ext():
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether sfnn's Triton kernels run in Triton's interpreter (the one flag,
+    ``triton_kernels._common.INTERPRET``; False where triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from .triton_kernels._common import INTERPRET
+
+    return INTERPRET
 
 
 def _cuda_backend() -> SimpleNamespace:

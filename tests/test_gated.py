@@ -519,6 +519,8 @@ def test_gated_capability_check_routes_auto(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(ops, "backend_unavailable_reason", lambda *a, **k: None)
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32) == "triton"
+    assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32, gated=True) == "triton"
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch", "cuda"}))
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32, gated=True) == "torch"
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32) == "cuda"
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "cuda"
@@ -557,8 +559,11 @@ def test_cuda_backend_passes_the_gate_table_to_the_decode_kernel(monkeypatch):
                  name="y")
 
 
-@pytest.mark.parametrize("backend", ["triton"])
-def test_backends_without_a_gated_path_refuse_it(backend):
+@pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton", "cuda_ext"])
+def test_backends_without_a_gated_path_refuse_it(backend, monkeypatch):
+    """A backend left out of GATED_BACKENDS (as Triton and the CUDA extension were before their
+    gated kernels) refuses gated calls by name."""
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     x, keys, values, kb, ob = make_problem(4, 16, 64)
     gk, gb = gate_tables(64, 16)
     with pytest.raises(NotImplementedError, match="gated"):
@@ -585,6 +590,7 @@ def test_plain_calls_keep_the_plain_protocol_for_non_gated_backends(monkeypatch)
 
     fake = type("Plain", (), dict(block_ffn_bwd=staticmethod(bwd)))
     monkeypatch.setattr(ops, "_impl", lambda backend: fake)
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     x, keys, values, kb, ob = make_problem(8, 16, 64)
     idx = _indices(8, 2, 4)
     y, saved, _ = torch_path.block_ffn_fwd(x, keys, values, idx, kb, ob, None, block_size=16,
