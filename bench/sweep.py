@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Throughput sweep of sfnn's block-sparse FFN against the dense FFN it replaces.
 
-    python bench/sweep.py [--preset default|quick|smoke|full|decode] [--out DIR]
+    python bench/sweep.py [--preset default|quick|smoke|full|decode|gated] [--out DIR]
                           [--device cpu|cuda] [--contention N]
+    python bench/sweep.py --model     # the per-phase GPU cost model of the Triton kernels
 
 Each *case* is one problem (tokens, d_model, d_ff, block_size, top_k, dtype, activation, mode);
 each *provider* is one way to compute it:
@@ -39,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sweeplib.cases import ACCEPTANCE, ELEMENT_SIZE, MODES, PRESETS, Case, grid, top_k_for  # noqa: E402,F401,I001
 from sweeplib.cases import preset_default, preset_full, preset_quick, preset_smoke  # noqa: E402,F401
-from sweeplib.cost import cost_model  # noqa: E402,F401
+from sweeplib.cost import cost_model, floors  # noqa: E402,F401
 from sweeplib.measure import Ceilings, measure_ceilings, time_cpu, time_cuda  # noqa: E402,F401
 from sweeplib.providers import PROVIDERS, Problem, Provider, make_runner, register  # noqa: E402,F401
 from sweeplib.report import FIELDS, acceptance_summary, write_csv, write_markdown  # noqa: E402,F401
@@ -71,7 +72,15 @@ def main(argv=None) -> int:
     ap.add_argument("--contention", type=int, default=None, metavar="N",
                     help="time every case while N CPU-bound processes run (default: each "
                          "case's own setting, 0 but for the CPU acceptance rows marked so)")
+    ap.add_argument("--model", action="store_true",
+                    help="print the per-phase GPU cost model of the Triton kernels (both combine "
+                         "schedules and the v1 kernels, against dense) and exit")
     args = ap.parse_args(argv)
+    if args.model:
+        from sweeplib.model import report
+
+        print(report())
+        return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import torch
@@ -105,7 +104,13 @@ def _cuda_ext():
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether sfnn's Triton kernels run in Triton's interpreter (the one flag,
+    ``triton_kernels._common.INTERPRET``; False where triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from .triton_kernels._common import INTERPRET
+
+    return INTERPRET
 
 
 def _cuda_backend() -> SimpleNamespace:

@@ -25,7 +25,8 @@ FIELDS = [
     "tag", "mode", "provider", "dtype", "activation", "tokens", "d_model", "d_ff", "block_size",
     "top_k", "n_blocks", "density", "distinct_blocks", "ms", "ms_p20", "ms_p80", "ms_min", "reps",
     "useful_tflops", "provider_tflops", "gbs", "speedup_vs_dense", "peak_mem_mb", "floor_ms",
-    "frac_of_floor", "floor_flops", "floor_bytes", "ceiling_tflops", "ceiling_gbs",
+    "frac_of_floor", "floor_hbm_ms", "floor_flops", "floor_bytes", "combine_bytes",
+    "ceiling_tflops", "ceiling_gbs", "ceiling_l2_gbs",
     "ceiling_source", "rel_err", "check", "load_1m", "contention", "gated",
 ]
 
@@ -126,7 +127,8 @@ def write_markdown(rows: list, path: str, meta: dict, ceilings: Ceilings, notes:
     if acc:
         out += ["**" + acc[0] + "**", ""] + [f"- {line}" for line in acc[1:]] + [""]
     out.append("| mode | provider | dtype | T | d_model | d_ff | g | top_k | density | ms (p20-p80)"
-               " | useful TFLOP/s | GB/s | x dense | floor ms | % floor | peak MiB | check |")
+               " | useful TFLOP/s | GB/s | x dense | floor ms L2 / HBM | % L2 floor | peak MiB"
+               " | check |")
     out.append("|" + "---|" * 17)
     for r in rows:
         out.append(
@@ -137,7 +139,8 @@ def write_markdown(rows: list, path: str, meta: dict, ceilings: Ceilings, notes:
             f"{fmt(r['ms'])} ({fmt(r['ms_p20'])}-{fmt(r['ms_p80'])}) | "
             f"{fmt(r['useful_tflops'])} | {fmt(r['gbs'])} | "
             f"{fmt(r['speedup_vs_dense']) if r['speedup_vs_dense'] != '' else '-'} | "
-            f"{fmt(r['floor_ms'])} | {100 * r['frac_of_floor']:.1f} | {fmt(r['peak_mem_mb'])} | "
+            f"{fmt(r['floor_ms'])} / {fmt(r['floor_hbm_ms'])} | {100 * r['frac_of_floor']:.1f} | "
+            f"{fmt(r['peak_mem_mb'])} | "
             f"{r['check'] or '-'} |")
     if notes:
         out += ["", "Notes:", ""] + [f"- {n}" for n in notes]

@@ -12,7 +12,7 @@ import torch
 
 from .cases import Case
 from .contention import contention
-from .cost import cost_model
+from .cost import cost_model, floors
 from .measure import (
     PEAK_MEMORY,
     TIMERS,
@@ -83,8 +83,7 @@ def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget
     mem = {p: PEAK_MEMORY[device](fn) for p, fn in runners.items()}
     costs = cost_model(case, pb.distinct_blocks)
     peak_fl = ceilings.tflops.get(case.dtype, next(iter(ceilings.tflops.values())))
-    floor_s = max(costs["floor_flops"] / (peak_fl * 1e12),
-                  costs["floor_bytes"] / (ceilings.gbs * 1e9))
+    floor_s, floor_hbm_s = floors(costs, peak_fl, ceilings.gbs, ceilings.cache_gbs())
     dense_ms = times["dense"][0] if "dense" in times else None
     rows = []
     for prov, (med, p20, p80, low, reps) in times.items():
@@ -107,8 +106,11 @@ def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget
             "speedup_vs_dense": dense_ms / med if dense_ms else "",
             "peak_mem_mb": mem[prov] / 2**20 if mem[prov] is not None else "n/a",
             "floor_ms": floor_s * 1e3, "frac_of_floor": floor_s / sec,
+            "floor_hbm_ms": floor_hbm_s * 1e3,
             "floor_flops": costs["floor_flops"], "floor_bytes": costs["floor_bytes"],
+            "combine_bytes": costs["combine_bytes"],
             "ceiling_tflops": peak_fl, "ceiling_gbs": ceilings.gbs,
+            "ceiling_l2_gbs": ceilings.cache_gbs(),
             "ceiling_source": ceilings.source, "rel_err": rel, "check": check,
             "load_1m": load, "contention": case.contention, "gated": case.gated,
         })
