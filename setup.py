@@ -66,5 +66,7 @@ setup(
     # "triton_kernels" would collide with Triton's own MoE kernel package.
     packages=["sfnn", "sfnn.triton_kernels"],
     package_dir={"sfnn": "sfnn", "sfnn.triton_kernels": "triton_kernels"},
+    # The CPU kernel's source, built just in time on the user's machine (sfnn/cpu_kernel.py).
+    package_data={"sfnn": ["cpu_kernel.cpp"]},
     **_cuda_extension_kwargs(),
 )

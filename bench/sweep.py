@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Throughput sweep of sfnn's block-sparse FFN against the dense FFN it replaces.
 
-    python bench/sweep.py [--preset default|quick|smoke|full] [--out DIR] [--device cpu|cuda]
+    python bench/sweep.py [--preset default|quick|smoke|full|decode|gated] [--out DIR]
+                          [--device cpu|cuda] [--contention N]
     python bench/sweep.py --model     # the per-phase GPU cost model of the Triton kernels
 
 Each *case* is one problem (tokens, d_model, d_ff, block_size, top_k, dtype, activation, mode);
@@ -48,7 +49,7 @@ from sweeplib.runner import run_case, run_sweep  # noqa: E402,F401
 # The CPU presets promise a wall time (default <= 4 min, quick < 2 min on 2 cores): a slow path
 # or a busy machine drops the tail cases, with a note, rather than overrunning.
 CPU_MAX_MINUTES = {"default": 3.5, "quick": 1.75}
-BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0}
+BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0, "decode": 2.0}
 
 
 def main(argv=None) -> int:
@@ -68,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ceilings", choices=("measured", "h200"), default="measured")
     ap.add_argument("--providers", default=None,
                     help="comma-separated subset of providers to keep")
+    ap.add_argument("--contention", type=int, default=None, metavar="N",
+                    help="time every case while N CPU-bound processes run (default: each "
+                         "case's own setting, 0 but for the CPU acceptance rows marked so)")
     ap.add_argument("--model", action="store_true",
                     help="print the per-phase GPU cost model of the Triton kernels (both combine "
                          "schedules and the v1 kernels, against dense) and exit")
@@ -90,6 +94,8 @@ def main(argv=None) -> int:
         keep = set(args.providers.split(","))
         cases = [dataclasses.replace(c, providers=tuple(p for p in c.providers if p in keep))
                  for c in cases]
+    if args.contention is not None:
+        cases = [dataclasses.replace(c, contention=args.contention) for c in cases]
     if args.limit is not None:
         cases = cases[:args.limit]
     for c in cases:

@@ -16,19 +16,23 @@ def cost_model(case: Case, distinct_blocks: int) -> dict:
     partial element, ``8 * T * top_k * d_model`` (none when top_k == 1), again for dx: at cache
     (L2) bandwidth when the schedule keeps the accumulator's live part in L2 (the L2 floor), at
     memory bandwidth when it does not (the HBM floor). See :func:`floors`.
+    A gated case has three tables: 1.5x the GEMM FLOPs (sparse and dense) and the gate rows'
+    bytes too.
     """
     T, d, g, k = case.tokens, case.d_model, case.block_size, case.top_k
     es = ELEMENT_SIZE[case.dtype]
     nb = case.n_blocks
     block_rows = distinct_blocks * g
-    gemm_fwd = 4 * T * d * k * g
+    tables = 3 if case.gated else 2  # key tables + the value table
+    gemm_fwd = 2 * tables * T * d * k * g
     scoring = 2 * T * d * nb
     kbar_flops = case.d_ff * d
     combine = 8 * T * k * d if k > 1 else 0
     acc = 2 * T * d * 4 if k > 1 else 0
-    fwd_bytes = 2 * T * d * es + nb * (d + 1) * 4 + 2 * block_rows * d * es + block_rows * es \
-        + acc + 2 * T * k * 4
-    bwd_bytes = 3 * T * d * es + 4 * block_rows * d * es + 2 * block_rows * es + acc \
+    fwd_bytes = 2 * T * d * es + nb * (d + 1) * 4 + tables * block_rows * d * es \
+        + (tables - 1) * block_rows * es + acc + 2 * T * k * 4
+    bwd_bytes = 3 * T * d * es + 2 * tables * block_rows * d * es \
+        + 2 * (tables - 1) * block_rows * es + acc \
         + T * k * 4
     kbar_bytes = case.d_ff * (d + 1) * es
     n_combines = 1
@@ -43,7 +47,7 @@ def cost_model(case: Case, distinct_blocks: int) -> dict:
         n_combines = 2
     else:  # decode: kbar cached
         useful, flops, nbytes = gemm_fwd, gemm_fwd + scoring, fwd_bytes
-    dense_fwd = 4 * T * d * case.d_ff
+    dense_fwd = 2 * tables * T * d * case.d_ff
     dense = {"forward": dense_fwd, "backward": 2 * dense_fwd, "forward+backward": 3 * dense_fwd,
              "decode": dense_fwd}[case.mode]
     return {"useful_flops": useful, "floor_flops": flops, "floor_bytes": nbytes,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .cases import Case
+from .contention import contention
 from .cost import cost_model, floors
 from .measure import (
     PEAK_MEMORY,
@@ -44,8 +45,15 @@ from .report import (
 
 def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
              meta: dict, log: Callable, notes: list) -> list:
-    """Time every runnable provider of ``case``; return its CSV rows (dicts). A provider that
-    fails on the case is left out, with a line in ``notes``."""
+    """Time every runnable provider of ``case``, with ``case.contention`` busy processes
+    running; return its CSV rows (dicts). A provider that fails on the case is left out, with a
+    line in ``notes``."""
+    with contention(case.contention):
+        return _run_case(case, device, ceilings, reasons, budget_s, meta, log, notes)
+
+
+def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
+              meta: dict, log: Callable, notes: list) -> list:
     case.validate()
     pb = Problem(case, device)
     runners, outputs = {}, {}
@@ -69,7 +77,7 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
         with torch.no_grad():
             ref = sparse_ffn_ref(pb.x, pb.keys, pb.values, block_size=case.block_size,
                                  top_k=case.top_k, key_bias=pb.key_bias, out_bias=pb.out_bias,
-                                 activation=case.activation)
+                                 activation=case.activation, **pb.gated_kwargs())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     times = TIMERS[device](runners, budget_s, min_reps=case.min_reps)
     mem = {p: PEAK_MEMORY[device](fn) for p, fn in runners.items()}
@@ -104,7 +112,7 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
             "ceiling_tflops": peak_fl, "ceiling_gbs": ceilings.gbs,
             "ceiling_l2_gbs": ceilings.cache_gbs(),
             "ceiling_source": ceilings.source, "rel_err": rel, "check": check,
-            "load_1m": load,
+            "load_1m": load, "contention": case.contention, "gated": case.gated,
         })
     return rows
 
@@ -173,7 +181,8 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
             break
         label = (f"[{i + 1}/{len(cases)}] {case.mode} T={case.tokens} d={case.d_model} "
                  f"d_ff={case.d_ff} g={case.block_size} k={case.top_k} "
-                 f"({density_label(case.density)}) {case.dtype} {case.activation}")
+                 f"({density_label(case.density)}) {case.dtype} {case.activation}"
+                 + (f" contention={case.contention}" if case.contention else ""))
         try:
             new = run_case(case, device, ceilings, reasons, budget, meta, log, notes)
         except (Interrupted, KeyboardInterrupt) as err:
@@ -199,7 +208,9 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
         done += 1
         if bar is not None:
             bar.update(1)
-        if case.tag == "acceptance" and (i + 1 == len(cases) or cases[i + 1].tag != "acceptance"):
+        if case.tag in ("acceptance", "gated-acceptance") and (
+                i + 1 == len(cases) or cases[i + 1].tag != case.tag
+                or cases[i + 1].contention != case.contention):
             for line in acceptance_summary(rows):
                 log(line)
         if device == "cuda":
