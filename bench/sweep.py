@@ -16,6 +16,9 @@ each *provider* is one way to compute it:
   can run: triton on CUDA tensors, cuda when ``sfnn.cuda_ext.available()`` and only in decode,
   as the extension is forward-only).
 
+Gated cases (``--preset gated``, issue 11) compute ``down(act(gate(x)) * up(x))``: ``dense`` is
+then the dense gated FFN and the sfnn providers get ``gate_keys=``/``gate_bias=``.
+
 Modes: ``forward`` (a training forward: parameters and x require grad), ``backward`` (the
 backward of one such forward, repeated with ``retain_graph``), ``forward+backward``, and
 ``decode`` (a few tokens under ``torch.no_grad()``). In the training modes the keys' version
@@ -49,7 +52,8 @@ from sweeplib.runner import run_case, run_sweep  # noqa: E402,F401
 # The CPU presets promise a wall time (default <= 4 min, quick < 2 min on 2 cores): a slow path
 # or a busy machine drops the tail cases, with a note, rather than overrunning.
 CPU_MAX_MINUTES = {"default": 3.5, "quick": 1.75}
-BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0, "decode": 2.0}
+BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0, "decode": 2.0,
+            "gated": 4.0}
 
 
 def main(argv=None) -> int:

@@ -58,9 +58,10 @@ GRAD_NAMES = ("x", "keys", "values", "key_bias", "gates", "gate_keys", "gate_bia
 # The plain FFN's gradients: what a backend without a gated path computes and returns.
 PLAIN_GRAD_NAMES = GRAD_NAMES[:5]
 # The backends with a gated path (gate_keys=/gate_bias= in block_ffn_fwd/bwd, seven gradients).
-# When the Triton gated kernels land, add "triton" here: backend="auto" then routes gated calls
-# on CUDA tensors to them instead of the torch path.
-GATED_BACKENDS = frozenset({"torch"})
+# The CUDA extension's decode kernels have the gated gather-GEMV (forward only); Triton's gated
+# kernels are triton_kernels/gated_ffn.py. A backend left out of this set gets no gated call:
+# backend="auto" routes gated calls to the next backend that has one (torch in the end).
+GATED_BACKENDS = frozenset({"torch", "cuda", "triton"})
 # The CUDA extension serves decoding: at most this many tokens under backend="auto".
 CUDA_DECODE_MAX_TOKENS = 15
 
@@ -118,9 +119,11 @@ def _cuda_backend() -> SimpleNamespace:
     ext = _cuda_ext()
 
     def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
-                      activation, save_for_backward, deterministic):
+                      activation, save_for_backward, deterministic, gate_keys=None,
+                      gate_bias=None):
         y = ext.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
-                           block_size=block_size, activation=activation)
+                           block_size=block_size, activation=activation, gate_keys=gate_keys,
+                           gate_bias=gate_bias)
         return y, x2d.new_empty(0), indices.new_empty(0)
 
     def block_ffn_bwd(*args, **kwargs):

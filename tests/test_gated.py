@@ -83,21 +83,30 @@ def check_gated_block_ffn(T, d_model, d_ff, g, top_k, *, act, bias, slot_gates, 
 
 # -- the torch path against the reference ----------------------------------------------------
 
+@pytest.fixture(params=["default", "pure-torch"])
+def cpu_path(request, monkeypatch):
+    """The torch path as it runs (with the CPU kernel when it is built), and its pure-PyTorch
+    form (the chunked batched ops: what runs without a compiler and on CUDA tensors)."""
+    if request.param == "pure-torch":
+        monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    return request.param
+
+
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("slot_gates", [False, True], ids=["noslotgate", "slotgate"])
-def test_gated_block_ffn_fp32(act, bias, slot_gates):
+def test_gated_block_ffn_fp32(act, bias, slot_gates, cpu_path):
     check_gated_block_ffn(37, 24, 96, 16, 2, act=act, bias=bias, slot_gates=slot_gates,
                           dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
                          ids=["fp16", "bf16", "fp64"])
-def test_gated_block_ffn_dtypes(dtype):
+def test_gated_block_ffn_dtypes(dtype, cpu_path):
     check_gated_block_ffn(29, 16, 64, 16, 3, act="silu", bias=True, slot_gates=True, dtype=dtype)
 
 
-def test_gated_duplicate_indices_count_twice():
+def test_gated_duplicate_indices_count_twice(cpu_path):
     check_gated_block_ffn(30, 16, 64, 16, 3, act="gelu", bias=True, slot_gates=True,
                           dtype=torch.float32, distinct=False)
 
@@ -236,7 +245,7 @@ NEEDS = [
 @pytest.mark.parametrize("needs", NEEDS, ids=["".join("1" if n else "0" for n in nd)
                                                for nd in NEEDS])
 @pytest.mark.parametrize("saved", [True, False], ids=["saved", "recompute"])
-def test_backward_needs_subsets(needs, saved):
+def test_backward_needs_subsets(needs, saved, cpu_path):
     """Each subset of the seven gradients equals the same gradients of the full backward; the
     others are empty (not computed)."""
     T, d, d_ff, g = 19, 12, 48, 8
@@ -510,16 +519,51 @@ def test_gated_capability_check_routes_auto(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(ops, "backend_unavailable_reason", lambda *a, **k: None)
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32) == "triton"
+    assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32, gated=True) == "triton"
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch", "cuda"}))
     assert ops.resolve_backend("auto", cuda, 1000, True, torch.float32, gated=True) == "torch"
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32) == "cuda"
+    assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "cuda"
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "torch"
-    monkeypatch.setattr(ops, "GATED_BACKENDS", ops.GATED_BACKENDS | {"triton"})
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch", "triton"}))
     assert ops.resolve_backend("auto", cuda, 1, False, torch.float32, gated=True) == "triton"
     assert ops.has_gated("triton") and not ops.has_gated("cuda")
 
 
+def test_cuda_backend_passes_the_gate_table_to_the_decode_kernel(monkeypatch):
+    """The CUDA extension's gated gather-GEMV gets gate_keys/gate_bias (a stand-in extension
+    records the call: there is no GPU here; tests/test_cuda_ext.py runs the kernel)."""
+    seen = {}
+
+    class FakeExt:
+        decode_select = None
+
+        @staticmethod
+        def decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates, **kw):
+            seen.update(kw)
+            return block_ffn_ref(x2d, keys, values, indices, block_size=kw["block_size"],
+                                 key_bias=key_bias, out_bias=out_bias, gates=gates,
+                                 activation=kw["activation"], gate_keys=kw["gate_keys"],
+                                 gate_bias=kw["gate_bias"])
+
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: FakeExt)
+    x, keys, values, kb, ob = make_problem(3, 16, 64)
+    gk, gb = gate_tables(64, 16)
+    idx = _indices(3, 2, 4)
+    y, _, _ = ops.block_ffn_op(x, keys, values, idx, kb, ob, None, 16, "silu", "cuda", False,
+                               False, gk, gb)
+    assert seen["gate_keys"] is not None and seen["gate_bias"] is not None
+    assert_close(y, block_ffn_ref(x, keys, values, idx, block_size=16, key_bias=kb,
+                                  out_bias=ob, activation="silu", gate_keys=gk, gate_bias=gb),
+                 name="y")
+
+
 @pytest.mark.parametrize("backend", ["triton", "cuda"], ids=["triton", "cuda_ext"])
-def test_backends_without_a_gated_path_refuse_it(backend):
+def test_backends_without_a_gated_path_refuse_it(backend, monkeypatch):
+    """A backend left out of GATED_BACKENDS (as Triton and the CUDA extension were before their
+    gated kernels) refuses gated calls by name."""
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     x, keys, values, kb, ob = make_problem(4, 16, 64)
     gk, gb = gate_tables(64, 16)
     with pytest.raises(NotImplementedError, match="gated"):
@@ -546,6 +590,7 @@ def test_plain_calls_keep_the_plain_protocol_for_non_gated_backends(monkeypatch)
 
     fake = type("Plain", (), dict(block_ffn_bwd=staticmethod(bwd)))
     monkeypatch.setattr(ops, "_impl", lambda backend: fake)
+    monkeypatch.setattr(ops, "GATED_BACKENDS", frozenset({"torch"}))
     x, keys, values, kb, ob = make_problem(8, 16, 64)
     idx = _indices(8, 2, 4)
     y, saved, _ = torch_path.block_ffn_fwd(x, keys, values, idx, kb, ob, None, block_size=16,
@@ -648,3 +693,15 @@ def test_sweep_gated_cases_run_and_check(tmp_path):
     lines = acceptance_summary(rows)
     assert lines[0].startswith("GATED ACCEPTANCE") and "target >= 2.5x" in lines[1]
     assert "(gated)" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_blocks_cut_into_several_chunks(monkeypatch, chunk):
+    """The torch path batches each block's pairs in chunks of GATED_CHUNK rows: a block spread
+    over several chunks (padding included) gives the same y and gradients."""
+    monkeypatch.setattr(torch_path, "GATED_CHUNK", chunk)
+    monkeypatch.setattr(torch_path, "_cpu_kernel", lambda t: None)
+    check_gated_block_ffn(23, 12, 48, 8, 3, act="gelu", bias=True, slot_gates=True,
+                          dtype=torch.float32, distinct=False)
+    check_gated_block_ffn(17, 8, 32, 8, 2, act="silu", bias=False, slot_gates=False,
+                          dtype=torch.float64)

@@ -202,11 +202,13 @@ def preset_decode(device: str) -> list:
 def preset_gated(device: str) -> list:
     """Gated FFNs (issue 11): the SwiGLU layer against the dense gated FFN
     (``down(silu(gate(x)) * up(x))``), forward and forward+backward. On the CPU at the
-    acceptance shape, idle and with one busy process (targets >= 3x and >= 2.5x); on CUDA in
+    acceptance shape, idle and with one busy process (targets >= 3x and >= 2.5x), the torch
+    path with its CPU kernel (``torch``) and without (``torch-nokernel``: the chunked
+    pure-PyTorch path); on CUDA in
     bf16 at the headline shape (Triton has no gated path yet: it is skipped with the reason)."""
     train = ("forward", "forward+backward")
     if device == "cpu":
-        return [Case(**GATED_ACCEPTANCE, mode=m, providers=("dense", "torch"),
+        return [Case(**GATED_ACCEPTANCE, mode=m, providers=("dense", "torch", "torch-nokernel"),
                      tag="gated-acceptance", min_reps=7, contention=busy)
                 for busy in (0, 1) for m in train]
     return [Case(4096, 2048, 8192, 64, 16, m, dtype="bfloat16", activation="silu", gated=True,

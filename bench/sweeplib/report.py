@@ -91,7 +91,7 @@ def _gated_summary(rows: list) -> list:
                 continue
             s = float(sparse[0]["speedup_vs_dense"])
             best = float(dense[0]["ms_min"]) / float(sparse[0]["ms_min"])
-            cond = f"contention={busy}" if busy else "idle"
+            cond = f"contention={busy}"
             lines.append(
                 f"gated {mode} ({cond}): torch {float(sparse[0]['ms']):.1f} ms vs dense gated "
                 f"{float(dense[0]['ms']):.1f} ms = {s:.2f}x (target >= {target}x: "
