@@ -241,3 +241,39 @@ def test_gated_dx_without_a_config_runs_the_plain_kernel_twice(deterministic, de
     plain_dx = [k for k in launched if k == ("dx", False)]
     assert len(plain_dx) == 2 * (3 if deterministic else 1), launched
     assert ("dx", True) not in launched
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gated_layer_through_the_op_layer_matches_the_reference(activation, device):
+    """sfnn.sparse_ffn(gate_keys=..., backend="triton"): Avg-K on the gate table, the gated
+    kernels through the registered op and its autograd, every gradient against the
+    dense-masked reference."""
+    import sfnn
+
+    T, d, g, nb, k = 5, 32, 16, 6, 2
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device).requires_grad_()
+
+    args = dict(x=rnd(T, d), keys=rnd(g * nb, d, scale=d**-0.5),
+                values=rnd(g * nb, d, scale=(k * g) ** -0.5))
+    opts = dict(key_bias=rnd(g * nb, scale=0.5), out_bias=rnd(d, scale=0.5),
+                gate_keys=rnd(g * nb, d, scale=d**-0.5), gate_bias=rnd(g * nb, scale=0.5))
+    tensors = list(args.values()) + list(opts.values())
+    dy = torch.randn(T, d, generator=gen).to(device)
+    out = {}
+    for backend in ("triton", "reference"):
+        y = sfnn.sparse_ffn(*args.values(), block_size=g, top_k=k, activation=activation,
+                            backend=backend, **opts)
+        out[backend] = (y, *torch.autograd.grad(y, tensors, dy))
+    for name, got, want in zip(("y", *args, *opts), out["triton"], out["reference"],
+                               strict=True):
+        assert_close(got, want, atol=1e-4, rtol=1e-4, name=name)
+    ffn = sfnn.SparseFFN(d, g * nb, block_size=g, top_k=k, gated=True, activation=activation,
+                         backend="triton").to(device)
+    ref = sfnn.SparseFFN(d, g * nb, block_size=g, top_k=k, gated=True, activation=activation,
+                         backend="reference").to(device)
+    ref.load_state_dict(ffn.state_dict())
+    x = torch.randn(T, d, generator=gen).to(device)
+    assert_close(ffn(x), ref(x), atol=1e-4, rtol=1e-4, name="SparseFFN(gated=True)")
