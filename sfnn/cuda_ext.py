@@ -25,6 +25,8 @@ import functools
 
 import torch
 
+from . import _build
+
 Tensor = torch.Tensor
 
 BUILD_COMMAND = "SFNN_BUILD_CUDA=1 pip install --no-build-isolation -e ."
@@ -40,8 +42,9 @@ def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except ImportError as err:
-        return (f"the CUDA extension sfnn._C is not built ({err}); build it on a machine with a "
-                f"CUDA build of torch and nvcc with `{BUILD_COMMAND}`")
+        why = _build.recorded_reason()  # setup.py's reason for skipping it, if recorded
+        return (f"the CUDA extension sfnn._C is not built ({f'setup.py: {why}' if why else err}); "
+                f"build it on a machine with a CUDA build of torch and nvcc with `{BUILD_COMMAND}`")
     except OSError as err:  # present but unloadable (ABI/CUDA mismatch)
         return (f"the CUDA extension sfnn._C failed to load ({err}); rebuild it against the "
                 f"installed torch with `{BUILD_COMMAND}`")
@@ -60,6 +63,16 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the CUDA extension cannot be used, and how to build it ("" when it can)."""
     return _load() or ""
+
+
+def supports_device(device: torch.device | str | int) -> bool:
+    """True when the extension's kernels can run on ``device``: a CUDA GPU whose compute
+    capability has machine code in it or takes its PTX (``sfnn._build.runs_on``: today 8.x, 9.0
+    and later). False for other devices. Says nothing of whether the extension is built."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _build.runs_on(torch.cuda.get_device_capability(device))
 
 
 def _require() -> None:

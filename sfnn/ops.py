@@ -126,7 +126,8 @@ def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_gra
     if backend == "auto":
         if device.type == "cuda":
             if (n_tokens <= CUDA_DECODE_MAX_TOKENS and not needs_grad
-                    and backend_unavailable_reason("cuda", device) is None):
+                    and backend_unavailable_reason("cuda", device) is None
+                    and _cuda_ext().supports_device(device)):
                 return "cuda"
             if backend_unavailable_reason("triton", device) is None:
                 return "triton"
