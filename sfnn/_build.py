@@ -279,7 +279,8 @@ def guarded_build_ext(base: type, *, forced: bool, on_failure) -> type:
             except Exception as err:  # noqa: BLE001 - any compiler/linker/toolkit failure
                 if forced:
                     raise
-                reason = f"building it failed ({type(err).__name__}: {err})"
+                reason = (f"building it failed ({type(err).__name__}: {err}; the compiler's "
+                          f"output is above, `pip install -v` shows it)")
                 warn(reason)
                 on_failure(reason)
                 self.extensions = []
