@@ -72,7 +72,14 @@ def supports_device(device: torch.device | str | int) -> bool:
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    return _build.runs_on(torch.cuda.get_device_capability(device))
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return _build.runs_on(_capability(index))
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: read while tracing, a constant
+def _capability(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor
 
 
 def _require() -> None:

@@ -288,6 +288,7 @@ def fake_gpu(monkeypatch):
     cap = {"value": (9, 0)}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(ops, "backend_unavailable_reason",
                         lambda backend, device: None if backend == "cuda" else "not here")
     return cap
@@ -298,8 +299,30 @@ def fake_gpu(monkeypatch):
 def test_auto_skips_the_extension_where_its_kernels_cannot_run(fake_gpu, cap, expected):
     fake_gpu["value"] = cap
     dev = torch.device("cuda", 0)
-    assert sfnn.cuda_ext.supports_device(dev) == (expected == "cuda")
+    for d in (dev, "cuda", 0):
+        assert sfnn.cuda_ext.supports_device(d) == (expected == "cuda"), d
     assert ops.resolve_backend("auto", dev, n_tokens=1, needs_grad=False) == expected
+
+
+@pytest.mark.parametrize("cap, expected", [((8, 6), 1.0), ((7, 5), 2.0)])
+def test_capability_lookup_traces_under_torch_compile(monkeypatch, cap, expected):
+    """resolve_backend runs while torch.compile traces the layer: the capability lookup, through
+    the real torch.cuda.get_device_capability (over faked device properties), traces with no
+    graph break and decides as in eager mode."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(major=cap[0], minor=cap[1]))
+
+    def f(x):
+        return x + (1.0 if _build.runs_on(sfnn.cuda_ext._capability(0)) else 2.0)
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.zeros(2))
+    finally:
+        torch._dynamo.reset()
+    assert out.tolist() == [expected, expected]
 
 
 def test_supports_device_is_false_off_the_gpu():
