@@ -6,15 +6,19 @@ product with the block's mean key, keeps the ``top_k`` best blocks and computes 
 Public API:
     sparse_ffn      the whole layer, functional form
     SparseFFN       the nn.Module (``from_dense`` converts two nn.Linear)
-    block_means     kbar/bbar, the per-block mean keys (cached while weights are unchanged)
+    block_means     kbar/bbar, the per-block mean keys
     select_blocks   Avg-K selection: (..., top_k) int32 block indices
     block_ffn       the compute over given block indices, with optional per-slot gates
+    BlockMeansCache a layer's cached block means (SparseFFN.means_cache), for decoding
+    refresh_block_means  forget cached means after writes the cache cannot see
 """
+from .cache import BlockMeansCache, refresh_block_means
+from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
 from .ops import BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn", "BACKENDS",
-           "__version__"]
+__all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn",
+           "BlockMeansCache", "refresh_block_means", "BACKENDS", "__version__"]

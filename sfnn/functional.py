@@ -1,18 +1,23 @@
-"""The public functional API: validation, block-mean caching, autocast, then the op layer.
+"""The public functional API: validation, autocast, block means, then the op layer.
 
 Shapes: ``x`` is (..., d_model) with any number of leading dims (flattened to T tokens);
 ``keys`` and ``values`` are (d_ff, d_model) (``values`` is ``fc2.weight.T``); ``key_bias`` is
 (d_ff,); ``out_bias`` is (d_model,); block ``b`` holds cells ``[b*g, (b+1)*g)``.
+
+Block means are recomputed on every call unless the caller passes a
+:class:`~sfnn.cache.BlockMeansCache` it owns (``SparseFFN`` passes its own in eval mode).
+Under forward-mode AD and ``torch.func`` transforms the layer is computed from differentiable
+torch ops (see :func:`sfnn.ops.transform_route`).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import ops, reference
+from . import ops, reference, torch_path
 from ._activations import ACTIVATIONS
+from .cache import BlockMeansCache, fresh_block_means
 
 Tensor = torch.Tensor
 
@@ -79,8 +84,10 @@ def _check_x(x, d_model: int) -> None:
 def _harmonise(named: dict) -> tuple[dict, str | None]:
     """Check that the tensors share one device and dtype, or cast them as autocast would.
 
-    Under ``torch.autocast`` the tensors are cast to the autocast dtype, as ``nn.Linear`` does,
-    and the returned device type names the autocast to suspend around the kernels.
+    Under ``torch.autocast`` the tensors are cast to the autocast dtype as ``nn.Linear``'s are:
+    float64 tensors are left alone (all-float64 inputs stay float64; float64 mixed with others
+    is an error, as it is for ``nn.Linear``). The returned device type names the autocast to
+    suspend around the kernels.
     """
     present = {k: v for k, v in named.items() if v is not None}
     devices = {v.device for v in present.values()}
@@ -88,15 +95,20 @@ def _harmonise(named: dict) -> tuple[dict, str | None]:
         listing = ", ".join(f"{k}: {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device; got {listing}")
     device_type = next(iter(devices)).type
+    autocast = None
     if torch.is_autocast_enabled(device_type):
+        autocast = device_type
         dtype = torch.get_autocast_dtype(device_type)
-        return {k: (None if v is None else v.to(dtype)) for k, v in named.items()}, device_type
+        named = {k: (v if v is None or v.dtype == torch.float64 else v.to(dtype))
+                 for k, v in named.items()}
+        present = {k: v for k, v in named.items() if v is not None}
     dtypes = {v.dtype for v in present.values()}
     if len(dtypes) > 1:
         listing = ", ".join(f"{k}: {v.dtype}" for k, v in present.items())
-        raise TypeError(f"all tensors must share one dtype (or run under torch.autocast); got "
-                        f"{listing}")
-    return named, None
+        hint = ("torch.autocast leaves float64 tensors alone, as it does for nn.Linear"
+                if autocast else "or run under torch.autocast")
+        raise TypeError(f"all tensors must share one dtype ({hint}); got {listing}")
+    return named, autocast
 
 
 def _autocast_off(device_type: str | None):
@@ -113,37 +125,30 @@ def _deterministic(flag: bool) -> bool:
     return bool(flag) or torch.are_deterministic_algorithms_enabled()
 
 
-# kbar/bbar per keys tensor, valid while neither keys nor key_bias has changed. In-place updates
-# (optimizer steps, copy_ under no_grad) bump a tensor's version counter and invalidate the entry.
-# Writes through ``.data`` bypass the counter and are not seen.
-_MEANS_CACHE = WeakTensorKeyDictionary()
-
-
-def _version(t: Tensor | None):
-    return None if t is None else (id(t), t.data_ptr(), t._version)
-
-
-def _block_means_cached(keys: Tensor, key_bias: Tensor | None, block_size: int, backend: str):
-    if torch.compiler.is_compiling() or keys.is_inference() or (
-            key_bias is not None and key_bias.is_inference()):
-        kbar, bbar = ops.block_means_op(keys.detach(), _detach(key_bias), block_size, backend)
-        return kbar, (None if key_bias is None else bbar)
-    stamp = (_version(keys), _version(key_bias), block_size)
-    entry = _MEANS_CACHE.get(keys)
-    if entry is None or entry[0] != stamp:
-        with torch.no_grad():
-            kbar, bbar = ops.block_means_op(keys.detach(), _detach(key_bias), block_size, backend)
-        entry = (stamp, kbar, None if key_bias is None else bbar)
-        _MEANS_CACHE[keys] = entry
-    return entry[1], entry[2]
-
-
 def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+def _means(keys: Tensor, key_bias: Tensor | None, block_size: int, backend: str,
+           means_cache: BlockMeansCache | None) -> tuple[Tensor, Tensor | None]:
+    """The block means for a call: from ``means_cache`` when given (it decides whether it may
+    serve), else computed now. Under torch.func transforms from plain torch ops."""
+    if ops.functorch_active():
+        return torch_path.block_means(keys.detach(), _detach(key_bias), block_size)
+    if means_cache is not None:
+        return means_cache._lookup(keys, key_bias, block_size, backend)
+    return fresh_block_means(keys, key_bias, block_size, backend)
+
+
+def _check_cache(means_cache) -> None:
+    if means_cache is not None and not isinstance(means_cache, BlockMeansCache):
+        raise TypeError(f"means_cache must be a sfnn.BlockMeansCache or None, got "
+                        f"{type(means_cache).__name__}")
+
+
 def block_means(keys: Tensor, key_bias: Tensor | None = None, *, block_size: int,
-                backend: str = "auto") -> tuple[Tensor, Tensor | None]:
+                backend: str = "auto",
+                means_cache: BlockMeansCache | None = None) -> tuple[Tensor, Tensor | None]:
     """Mean key and mean key bias of every block of ``block_size`` consecutive cells.
 
     Args:
@@ -151,20 +156,36 @@ def block_means(keys: Tensor, key_bias: Tensor | None = None, *, block_size: int
         key_bias: (d_ff,) or None (``fc1.bias``).
         block_size: cells per block; must divide d_ff.
         backend: "auto", "torch", "triton", "cuda" or "reference".
+        means_cache: a :class:`sfnn.BlockMeansCache` the caller owns, or None (compute now).
 
     Returns:
-        ``kbar`` (n_blocks, d_model) float32 and ``bbar`` (n_blocks,) float32, or None without
-        ``key_bias``. Accumulated in float32 and cached while the tensors are unchanged.
+        ``kbar`` (n_blocks, d_model) and ``bbar`` (n_blocks,), or None without ``key_bias``;
+        float32 (float64 for float64 keys), detached, and the caller's own: writing them changes
+        no cache.
+
+    Caching: without ``means_cache`` nothing is cached. A cache serves only where the keys take
+    no part in autograd (and never under torch.compile tracing, torch.func transforms or CUDA
+    graph capture) and is invalidated by every optimizer step, by in-place updates that bump
+    the version counter and by :func:`sfnn.refresh_block_means`; ``SparseFFN`` uses its own in
+    eval mode and also clears it on ``train()``/``eval()``, ``load_state_dict`` and ``to()``.
+    **Unseen**: writes that bypass the version counter (``param.data`` writes, numpy aliases,
+    ``dist.broadcast`` and other collectives, ``vector_to_parameters`` then writes to the
+    vector) with no optimizer step after them. After such a write call
+    ``sfnn.refresh_block_means(model)``.
 
     Example:
         >>> kbar, bbar = sfnn.block_means(ffn.key_weight, ffn.key_bias, block_size=64)
     """
     _check_choice("backend", backend, ops.BACKENDS)
     _check_weights(keys, keys, key_bias, None, block_size)
+    _check_cache(means_cache)
     if backend == "reference":
         return reference.block_means_ref(keys, key_bias, block_size)
-    be = ops.resolve_backend(backend, keys.device, 0, False)
-    return _block_means_cached(keys, key_bias, block_size, be)
+    be = ops.resolve_backend(backend, keys.device, 0, False, keys.dtype)
+    kbar, bbar = _means(keys, key_bias, block_size, be, means_cache)
+    if means_cache is not None:  # the cache's own tensors: hand out copies
+        kbar, bbar = kbar.clone(), (None if bbar is None else bbar.clone())
+    return kbar, bbar
 
 
 def select_blocks(x: Tensor, kbar: Tensor, bbar: Tensor | None = None, top_k: int = 1, *,
@@ -179,7 +200,8 @@ def select_blocks(x: Tensor, kbar: Tensor, bbar: Tensor | None = None, top_k: in
 
     Returns:
         int32 (..., top_k) block indices, best first; ties go to the smaller block index.
-        Scores are computed in float32 (float64 for float64 inputs). No gradient flows.
+        Scores are computed in float32 (float64 for float64 ``x``, with ``kbar``/``bbar`` taken
+        to float64: float64 scores are ranked at float64 resolution). No gradient flows.
     """
     _check_choice("backend", backend, ops.BACKENDS)
     _check_tensor("kbar", kbar, dim=2)
@@ -197,16 +219,29 @@ def select_blocks(x: Tensor, kbar: Tensor, bbar: Tensor | None = None, top_k: in
     if backend == "reference":
         idx = reference.select_blocks_ref(x2d, kbar, bbar, top_k)
     else:
-        be = ops.resolve_backend(backend, x.device, x2d.shape[0], False)
-        idx = ops.select_blocks_op(x2d, kbar.float(), None if bbar is None else bbar.float(),
-                                   top_k, be)
+        dtype = ops.means_dtype(x.dtype)
+        kbar, bbar = kbar.detach().to(dtype), (None if bbar is None else bbar.detach().to(dtype))
+        be = ops.resolve_backend(backend, x.device, x2d.shape[0], False, x.dtype)
+        idx = _select(x2d, kbar, bbar, top_k, be, ops.transform_route(x, kbar, bbar))
     return idx.reshape(*x.shape[:-1], top_k)
+
+
+def _select(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int, backend: str,
+            route: str | None) -> Tensor:
+    """int32 (T, top_k) on ``x2d.detach()``: the registered op, or plain torch ops on a
+    transform's route (see :func:`sfnn.ops.transform_route`)."""
+    x2d = x2d.detach()
+    if route == "dense":
+        return reference.select_blocks_ref(x2d, kbar, bbar, top_k)
+    if route == "composite":
+        return torch_path.select_blocks(x2d, kbar, bbar, top_k)
+    return ops.select_blocks_op(x2d, kbar, bbar, top_k, backend)
 
 
 def _check_indices(indices, x: Tensor, n_blocks: int, name: str = "indices") -> Tensor:
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype not in (torch.int32, torch.int64) :
+    if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {indices.dtype}")
     if indices.dim() != x.dim() or indices.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"{name} must be (..., top_k) with the leading dims of x "
@@ -215,15 +250,17 @@ def _check_indices(indices, x: Tensor, n_blocks: int, name: str = "indices") -> 
         raise ValueError(f"{name} must hold at least one block per token")
     if indices.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {indices.device}")
-    idx2d = indices.reshape(-1, indices.shape[-1]).to(torch.int32).contiguous()
-    if idx2d.numel() and not torch.compiler.is_compiling():
+    idx2d = indices.reshape(-1, indices.shape[-1])
+    # Checked in the given dtype, before the int32 cast (int64 values past 2**31 would wrap).
+    # Not under torch.compile tracing or torch.func transforms (no host read there).
+    if idx2d.numel() and not torch.compiler.is_compiling() and not ops.functorch_active():
         in_range = ((idx2d >= 0) & (idx2d < n_blocks)).all()
         if idx2d.device.type == "cpu":
             if not bool(in_range):
                 raise ValueError(f"{name} must lie in [0, n_blocks={n_blocks})")
         else:  # no host sync on the GPU: a device-side assert instead
             torch._assert_async(in_range, f"{name} must lie in [0, n_blocks={n_blocks})")
-    return idx2d
+    return idx2d.to(torch.int32).contiguous()
 
 
 def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block_size: int,
@@ -263,24 +300,32 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
     if gates is not None:
         acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
         gates2d = gates.reshape(-1, gates.shape[-1]).to(acc)
-    if backend == "reference":
-        y2d = reference.block_ffn_ref(x2d, t["keys"], t["values"], idx2d, block_size=block_size,
-                                      key_bias=t["key_bias"], out_bias=t["out_bias"],
-                                      gates=gates2d, activation=activation)
-        return y2d.reshape(x.shape[:-1] + (d_model,))
-    needs_grad = _needs_grad(*t.values(), gates)
-    be = ops.resolve_backend(backend, x.device, x2d.shape[0], needs_grad)
+    kernel_grad = _needs_grad(x, keys, values, key_bias, gates)
+    route = ops.transform_route(*t.values(), gates)
+    if route is not None and backend != "reference":  # still refuse a backend that cannot run
+        ops.resolve_backend(backend, x.device, x2d.shape[0], False, x2d.dtype)
     with _autocast_off(autocast_device):
-        y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
-                                  t["out_bias"], gates2d, block_size, activation, be,
-                                  _deterministic(deterministic), needs_grad)
+        if backend == "reference" or route == "dense":
+            y2d = reference.block_ffn_ref(x2d, t["keys"], t["values"], idx2d,
+                                          block_size=block_size, key_bias=t["key_bias"],
+                                          out_bias=t["out_bias"], gates=gates2d,
+                                          activation=activation)
+        elif route == "composite":
+            y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
+                                          t["out_bias"], gates2d, block_size, activation)
+        else:
+            be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad, x2d.dtype)
+            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
+                                         t["out_bias"], gates2d, block_size, activation, be,
+                                         _deterministic(deterministic), kernel_grad)
     return y2d.reshape(x.shape[:-1] + (d_model,))
 
 
 def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_k: int,
                key_bias: Tensor | None = None, out_bias: Tensor | None = None,
                activation: str = "relu", backend: str = "auto",
-               deterministic: bool = False) -> Tensor:
+               deterministic: bool = False,
+               means_cache: BlockMeansCache | None = None) -> Tensor:
     """The Avg-K sparse FFN: score blocks by their mean key, keep the top_k, compute only those.
 
     ``y_t = sum_{b in S_t} sum_{i in b} act(x_t . k_i + b_i) v_i + out_bias`` where ``S_t`` holds
@@ -297,10 +342,20 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
             tokens without gradients when built, else torch), "torch", "triton", "cuda" or
             "reference" (dense-masked oracle).
         deterministic: bitwise-repeatable results.
+        means_cache: a :class:`sfnn.BlockMeansCache` the caller owns, reused across calls
+            where the keys take no part in autograd (decoding); None recomputes the block
+            means (one read of ``keys``) on every call. See :func:`block_means` for what a
+            cache sees and what it does not.
 
     Returns:
-        (..., d_model) in x's dtype. Gradients flow to x, keys, values and both biases through
-        the selected cells only.
+        (..., d_model) in x's dtype (the autocast dtype under ``torch.autocast``, which, as for
+        ``nn.Linear``, leaves float64 alone). Gradients flow to x, keys, values and both biases
+        through the selected cells only.
+
+    Autodiff: reverse mode through the registered ops; double backward (``create_graph=True``),
+    forward-mode AD and ``torch.func`` transforms (grad, jvp, vmap, jacrev, ...) are supported
+    through differentiable torch ops (the torch path's, or the dense-masked reference where
+    vmap is combined with another transform), whatever ``backend`` says.
 
     Example:
         >>> x = torch.randn(2, 10, 512)
@@ -311,6 +366,7 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     _check_choice("backend", backend, ops.BACKENDS)
     d_ff, d_model, n_blocks = _check_weights(keys, values, key_bias, out_bias, block_size)
     _check_x(x, d_model)
+    _check_cache(means_cache)
     _check_int("top_k", top_k)
     if top_k > n_blocks:
         raise ValueError(f"top_k={top_k} must be <= n_blocks = d_ff // block_size = {n_blocks}")
@@ -322,13 +378,26 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
                                             top_k=top_k, key_bias=t["key_bias"],
                                             out_bias=t["out_bias"], activation=activation)
     x2d = t["x"].reshape(-1, d_model)
-    needs_grad = _needs_grad(*t.values())
-    be = ops.resolve_backend(backend, x.device, x2d.shape[0], needs_grad)
+    # Gradients the kernels compute (out_bias's is dy summed, taken by the op layer).
+    kernel_grad = _needs_grad(x, keys, values, key_bias)
+    route = ops.transform_route(*t.values())
+    be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad and route is None,
+                             x2d.dtype)
     with _autocast_off(autocast_device):
-        # Means come from the parameters themselves (cached across calls), not the autocast copies.
-        kbar, bbar = _block_means_cached(keys, key_bias, block_size, be)
-        indices = ops.select_blocks_op(x2d.detach(), kbar, bbar, top_k, be)
-        y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], indices, t["key_bias"],
-                                  t["out_bias"], None, block_size, activation, be,
-                                  _deterministic(deterministic), needs_grad)
+        if route == "dense":
+            return reference.sparse_ffn_ref(t["x"], t["keys"], t["values"], block_size=block_size,
+                                            top_k=top_k, key_bias=t["key_bias"],
+                                            out_bias=t["out_bias"], activation=activation)
+        if route is not None:
+            be = "torch"
+        # Means come from the parameters themselves, not the autocast copies.
+        kbar, bbar = _means(keys, key_bias, block_size, be, means_cache)
+        indices = _select(x2d, kbar, bbar, top_k, be, route)
+        if route == "composite":
+            y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], indices, t["key_bias"],
+                                          t["out_bias"], None, block_size, activation)
+        else:
+            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], indices, t["key_bias"],
+                                         t["out_bias"], None, block_size, activation, be,
+                                         _deterministic(deterministic), kernel_grad)
     return y2d.reshape(x.shape[:-1] + (d_model,))

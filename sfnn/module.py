@@ -8,6 +8,7 @@ from torch import nn
 
 from . import ops
 from ._activations import ACTIVATIONS
+from .cache import BlockMeansCache
 from .functional import _check_choice, _check_int, sparse_ffn
 
 
@@ -24,6 +25,15 @@ class SparseFFN(nn.Module):
         keyed by parameter name. Checkpoints saved with the old names still load.)
 
     Shapes: input (..., d_model) -> output (..., d_model).
+
+    Block means: in training mode they are recomputed on every call (one read of
+    ``key_weight``, which training reads anyway). In eval mode the layer keeps them in
+    ``means_cache`` (a :class:`sfnn.BlockMeansCache`; set it to None to never cache) while the
+    keys take no part in autograd and ``key_weight`` is the stored parameter (not a
+    parametrization's output); every optimizer step, in-place update, ``train()``/``eval()``,
+    ``load_state_dict`` and ``to()`` invalidates it. Writes nothing can see (``param.data``
+    writes, ``dist.broadcast``, numpy aliases) need ``refresh_block_means()`` (see
+    :func:`sfnn.block_means`).
 
     Example:
         >>> ffn = sfnn.SparseFFN(512, 8192, block_size=64, top_k=16, activation="gelu")
@@ -57,8 +67,10 @@ class SparseFFN(nn.Module):
         else:
             self.register_parameter("key_bias", None)
             self.register_parameter("out_bias", None)
+        self.means_cache = BlockMeansCache()
         self.reset_parameters()
         self._register_load_state_dict_pre_hook(_rename_legacy_keys, with_module=True)
+        self.register_load_state_dict_post_hook(_clear_means_cache)
 
     @property
     def n_blocks(self) -> int:
@@ -107,13 +119,46 @@ class SparseFFN(nn.Module):
         return sparse_ffn(x, self.key_weight, self.value_weight, block_size=self.block_size,
                           top_k=self.top_k, key_bias=self.key_bias, out_bias=self.out_bias,
                           activation=self.activation, backend=self.backend,
-                          deterministic=self.deterministic)
+                          deterministic=self.deterministic, means_cache=self._serving_cache())
+
+    def _serving_cache(self) -> BlockMeansCache | None:
+        """The cache this call may use: in eval mode, and only for the layer's own stored keys
+        (not a parametrization's or functional_call's tensors, which are new on every call and
+        would each be kept alive by the entry)."""
+        if self.training or not isinstance(self._parameters.get("key_weight"), nn.Parameter):
+            return None
+        return self.means_cache
+
+    def refresh_block_means(self) -> None:
+        """Forget the cached block means; the next eval-mode call recomputes them. Needed only
+        after writes the cache cannot see (``param.data`` writes, ``dist.broadcast``, numpy
+        aliases) into a layer in eval mode."""
+        if self.means_cache is not None:
+            self.means_cache.clear()
+
+    def train(self, mode: bool = True) -> SparseFFN:
+        self.refresh_block_means()
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        # to(), double(), cuda(), to_empty(), ... (also when they swap tensors in place).
+        self.refresh_block_means()
+        return super()._apply(*args, **kwargs)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "means_cache" not in self.__dict__:  # pickled by sfnn 0.1
+            self.means_cache = BlockMeansCache()
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
                 f"top_k={self.top_k}, activation={self.activation!r}, "
                 f"key_bias={self.key_bias is not None}, out_bias={self.out_bias is not None}, "
                 f"backend={self.backend!r}")
+
+
+def _clear_means_cache(module, incompatible_keys) -> None:
+    module.refresh_block_means()
 
 
 # sfnn 0.1 named the tables ``keys`` and ``values``; their checkpoints load under the new names.

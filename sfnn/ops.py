@@ -2,7 +2,8 @@
 
 Every backend provides the same functions (the backend protocol):
 
-- ``block_means(keys, key_bias, block_size) -> (kbar f32 (n_blocks, d_model), bbar f32 | None)``
+- ``block_means(keys, key_bias, block_size) -> (kbar (n_blocks, d_model), bbar (n_blocks,) | None)``
+  in float32 (float64 for float64 keys: only the torch path receives float64)
 - ``select_blocks(x2d, kbar, bbar, top_k) -> int32 (T, top_k)``
 - ``block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size, activation,
   save_for_backward, deterministic) -> (y, saved, route)``: ``saved`` holds what the backward
@@ -19,6 +20,13 @@ They receive contiguous tensors with T >= 1. The ops registered here (namespace 
 them so that ``torch.compile`` traces the layer without graph breaks: ``sfnn::block_means``,
 ``sfnn::select_blocks``, ``sfnn::block_ffn`` (with autograd) and ``sfnn::block_ffn_backward``.
 Optional tensors that an op returns are empty tensors when absent (ops cannot return None).
+
+Where the registered ops cannot serve, this layer also routes (:func:`transform_route`): under
+forward-mode AD and ``torch.func`` transforms, and for double backward, the layer is computed
+from the torch path's differentiable torch ops (:func:`block_ffn_composite`), and where
+``vmap`` meets another transform, from the dense-masked reference. Called directly, the
+registered ops see no forward-mode tangents (PyTorch gives custom ops zero tangents without
+telling): use the functional API (:mod:`sfnn.functional`), which routes around them.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import os
 from types import SimpleNamespace
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import torch_path
 
@@ -101,38 +110,46 @@ def _cuda_backend() -> SimpleNamespace:
                            route_numel=lambda *args: 0)
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None when ``backend`` can run on tensors of ``device``, else a sentence saying why not."""
+def backend_unavailable_reason(backend: str, device: torch.device,
+                               dtype: torch.dtype | None = None) -> str | None:
+    """None when ``backend`` can run on tensors of ``device`` (and ``dtype``, when given), else a
+    sentence saying why not. Only the torch and reference paths compute in float64: the Triton
+    kernels and the CUDA extension accumulate in float32."""
     if backend == "torch" or backend == "reference":
         return None
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype == torch.float64:
+        return (f"backend={backend!r} does not compute in float64 (its kernels accumulate in "
+                "float32); use backend='torch' (or 'auto', which routes float64 there)")
     if backend == "triton":
         if device.type != "cuda" and not _triton_interpreting():
             return (f"backend='triton' needs CUDA tensors (got {device.type} tensors); on the CPU "
                     "set TRITON_INTERPRET=1 before importing sfnn to run the kernels in Triton's "
                     "interpreter, or use backend='torch'")
         return triton_import_error()
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
-        ext = _cuda_ext()
-        return None if ext.available() else ext.unavailable_reason()
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type != "cuda":
+        return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
+    ext = _cuda_ext()
+    return None if ext.available() else ext.unavailable_reason()
 
 
-def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_grad: bool) -> str:
+def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_grad: bool,
+                    dtype: torch.dtype | None = None) -> str:
     """The concrete backend for a call. ``auto``: on CUDA tensors the CUDA extension for a few
     tokens without gradients when it is built, else Triton when it imports; otherwise torch.
-    An explicit backend that cannot run raises RuntimeError saying why."""
+    float64 always goes to torch (the kernels accumulate in float32). An explicit backend that
+    cannot run raises RuntimeError saying why."""
     if backend == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" and dtype != torch.float64:
             if (n_tokens <= CUDA_DECODE_MAX_TOKENS and not needs_grad
-                    and backend_unavailable_reason("cuda", device) is None
+                    and backend_unavailable_reason("cuda", device, dtype) is None
                     and _cuda_ext().supports_device(device)):
                 return "cuda"
-            if backend_unavailable_reason("triton", device) is None:
+            if backend_unavailable_reason("triton", device, dtype) is None:
                 return "triton"
         return "torch"
-    reason = backend_unavailable_reason(backend, device)
+    reason = backend_unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise RuntimeError(reason)
     if backend == "cuda" and needs_grad:
@@ -155,19 +172,31 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
+def _contig(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def means_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of block means and scores for inputs of ``dtype``: float64 stays float64,
+    everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op("sfnn::block_means", mutates_args=())
 def block_means_op(keys: Tensor, key_bias: Tensor | None, block_size: int,
                    backend: str) -> tuple[Tensor, Tensor]:
-    """kbar (n_blocks, d_model) f32 and bbar (n_blocks,) f32, empty without key_bias."""
-    kbar, bbar = _impl(backend).block_means(keys.contiguous(), key_bias, block_size)
+    """kbar (n_blocks, d_model) and bbar (n_blocks,) in :func:`means_dtype` of keys (bbar empty
+    without key_bias)."""
+    kbar, bbar = _impl(backend).block_means(keys.contiguous(), _contig(key_bias), block_size)
     return kbar, (kbar.new_empty(0) if bbar is None else bbar)
 
 
 @block_means_op.register_fake
 def _(keys, key_bias, block_size, backend):
     n_blocks = keys.shape[0] // block_size
-    kbar = keys.new_empty(n_blocks, keys.shape[1], dtype=torch.float32)
-    bbar = keys.new_empty(n_blocks if key_bias is not None else 0, dtype=torch.float32)
+    dtype = means_dtype(keys.dtype)
+    kbar = keys.new_empty(n_blocks, keys.shape[1], dtype=dtype)
+    bbar = keys.new_empty(n_blocks if key_bias is not None else 0, dtype=dtype)
     return kbar, bbar
 
 
@@ -177,7 +206,7 @@ def select_blocks_op(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int,
     """int32 (T, top_k): each token's top_k blocks by Avg-K score, best first."""
     if x2d.shape[0] == 0:
         return x2d.new_empty(0, top_k, dtype=torch.int32)
-    return _impl(backend).select_blocks(x2d.contiguous(), kbar.contiguous(), bbar, top_k)
+    return _impl(backend).select_blocks(x2d.contiguous(), kbar.contiguous(), _contig(bbar), top_k)
 
 
 @select_blocks_op.register_fake
@@ -212,8 +241,8 @@ def block_ffn_op(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
         return x2d.new_zeros(0, d_model), x2d.new_empty(0), indices.new_empty(0)
     y, saved, route = _impl(backend).block_ffn_fwd(
         x2d.contiguous(), keys.contiguous(), values.contiguous(), indices.contiguous(),
-        key_bias, out_bias, gates, block_size=block_size, activation=activation,
-        save_for_backward=save_for_backward, deterministic=deterministic)
+        _contig(key_bias), _contig(out_bias), _contig(gates), block_size=block_size,
+        activation=activation, save_for_backward=save_for_backward, deterministic=deterministic)
     return y, saved, route
 
 
@@ -243,8 +272,9 @@ def block_ffn_backward_op(dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor,
     else:
         grads = _impl(backend).block_ffn_bwd(
             dy.contiguous(), x2d.contiguous(), keys.contiguous(), values.contiguous(),
-            indices.contiguous(), key_bias, gates, saved, route, block_size=block_size,
-            activation=activation, deterministic=deterministic, needs=needs)
+            indices.contiguous(), _contig(key_bias), _contig(gates), saved, route,
+            block_size=block_size, activation=activation, deterministic=deterministic,
+            needs=needs)
     likes = (x2d, keys, values, keys, x2d)
     return tuple(_empty_if_none(g, like) for g, like in zip(grads, likes, strict=True))
 
@@ -267,27 +297,102 @@ def _effective_needs(needs, key_bias, gates) -> tuple[bool, ...]:
     return dx, dkeys, dvalues, dkb and key_bias is not None, dgates and gates is not None
 
 
+def block_ffn_composite(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
+                        key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None,
+                        block_size: int, activation: str) -> Tensor:
+    """y (T, d_model): the torch path's forward called outside the registered op, so that its
+    torch ops are what autograd, forward-mode AD and ``torch.func`` differentiate (to any order).
+
+    Same block-grouped GEMMs as ``backend="torch"`` (sparse cost, any device), but the block loop
+    runs on the host and its routing is data-dependent: it serves where the registered ops cannot
+    (forward-mode AD, ``torch.func.grad``/``jvp``, double backward), not for speed.
+    ``indices`` is int32 (T, top_k); ``gates`` (T, top_k) in the accumulation dtype or None.
+    """
+    y, _, _ = torch_path.block_ffn_fwd(
+        x2d, keys, values, indices, key_bias, out_bias, gates, block_size=block_size,
+        activation=activation, save_for_backward=False, deterministic=True)
+    return y
+
+
+def _functorch_kinds() -> set:
+    """The torch.func transforms active now (none while torch.compile traces: dynamo cannot
+    read the interpreter stack, and applies transforms to the traced graph itself)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return set()
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    return kinds - {torch._C._functorch.TransformType.Functionalize}
+
+
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (vmap, grad, jvp, jacrev, ...)."""
+    return bool(_functorch_kinds())
+
+
+def transform_route(*tensors: Tensor | None) -> str | None:
+    """How a call on ``tensors`` is computed: None for the registered ops (also under plain
+    ``torch.func.vmap``, which batches custom ops by looping over the batch);
+    ``"composite"`` (:func:`block_ffn_composite`, sparse) under forward-mode AD and
+    ``torch.func.grad``/``vjp``/``jvp``/``jacrev``, whose registered-op path has no rule
+    (custom ops give no forward-mode tangents and reject ``torch.func.grad``); ``"dense"`` (the
+    dense-masked reference, which every transform can batch) where ``vmap`` meets another
+    transform, because the composite's routing is data-dependent and cannot be batched."""
+    if torch.compiler.is_compiling():
+        return None
+    kinds = _functorch_kinds()
+    if kinds:
+        if kinds == {torch._C._functorch.TransformType.Vmap}:
+            return None
+        return "dense" if torch._C._functorch.TransformType.Vmap in kinds else "composite"
+    if fwAD._current_level >= 0 and any(
+            t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        return "composite"
+    return None
+
+
 def _block_ffn_setup_context(ctx, inputs, output):
     (x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
      deterministic, _save) = inputs
     ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1], output[2])
     ctx.config = (block_size, activation, backend, deterministic)
-    ctx.has_out_bias = out_bias is not None
+
+
+def _differentiable_grads(dy, x2d, keys, values, indices, key_bias, gates, needs, block_size,
+                          activation):
+    """The gradients as functions of the inputs and ``dy`` (``create_graph=True``): the composite
+    forward is recomputed and differentiated by autograd, so a second backward has a graph."""
+    inputs = (x2d, keys, values, key_bias, gates)
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+    with torch.enable_grad():
+        y = block_ffn_composite(x2d, keys, values, indices, key_bias, None, gates, block_size,
+                                activation)
+    got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True,
+                                   materialize_grads=True))
+    return tuple(next(got) if need else None for need in needs)
 
 
 def _block_ffn_backward(ctx, dy, _dsaved, _droute):
     x2d, keys, values, indices, key_bias, gates, saved, route = ctx.saved_tensors
     block_size, activation, backend, deterministic = ctx.config
     need = ctx.needs_input_grad
-    needs = [need[0], need[1], need[2], need[4], need[6]]
-    grads = block_ffn_backward_op(
-        dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size, activation,
-        backend, deterministic, needs)
-    dx, dkeys, dvalues, dkb, dgates = (g if n else None for g, n in zip(grads, needs, strict=True))
+    needs = _effective_needs([need[0], need[1], need[2], need[4], need[6]], key_bias, gates)
+    if torch.is_grad_enabled() and any(needs):
+        # Autograd runs a backward with grad mode on only under create_graph=True: the
+        # gradients must be differentiable, which the kernels' gradients are not.
+        grads = _differentiable_grads(dy, x2d, keys, values, indices, key_bias, gates, needs,
+                                      block_size, activation)
+    elif any(needs):
+        grads = block_ffn_backward_op(
+            dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size,
+            activation, backend, deterministic, list(needs))
+        grads = tuple(g if n else None for g, n in zip(grads, needs, strict=True))
+    else:  # only out_bias needs a gradient: the kernels have nothing to do
+        grads = (None,) * len(GRAD_NAMES)
+    dx, dkeys, dvalues, dkb, dgates = grads
     dout_bias = None
     if need[5]:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-        dout_bias = dy.sum(0, dtype=acc).to(dy.dtype)
+        dout_bias = dy.sum(0, dtype=means_dtype(dy.dtype)).to(dy.dtype)
     if dgates is not None:
         dgates = dgates.to(gates.dtype)
     return (dx, dkeys, dvalues, None, dkb, dout_bias, dgates, None, None, None, None, None)

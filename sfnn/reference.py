@@ -13,26 +13,33 @@ from ._activations import apply_activation
 def block_means_ref(
     keys: torch.Tensor, key_bias: torch.Tensor | None, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean key and mean key bias of every block, in float32.
+    """Mean key and mean key bias of every block, in float32 (float64 for float64 keys).
 
     keys: (d_ff, d_model); key_bias: (d_ff,) or None.
-    Returns kbar: (n_blocks, d_model) float32 and bbar: (n_blocks,) float32 or None.
+    Returns kbar: (n_blocks, d_model) and bbar: (n_blocks,) or None.
     """
     d_ff, d_model = keys.shape
-    kbar = keys.detach().float().view(d_ff // block_size, block_size, d_model).mean(1)
+    dtype = _score_dtype(keys.dtype)
+    kbar = keys.detach().to(dtype).reshape(d_ff // block_size, block_size, d_model).mean(1)
     bbar = None
     if key_bias is not None:
-        bbar = key_bias.detach().float().view(d_ff // block_size, block_size).mean(1)
+        bbar = key_bias.detach().to(dtype).reshape(d_ff // block_size, block_size).mean(1)
     return kbar, bbar
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def block_scores_ref(
     x: torch.Tensor, kbar: torch.Tensor, bbar: torch.Tensor | None
 ) -> torch.Tensor:
-    """Avg-K scores ``x . kbar_b + bbar_b`` in float32. x: (T, d_model) -> (T, n_blocks)."""
-    scores = x.detach().float() @ kbar.float().t()
+    """Avg-K scores ``x . kbar_b + bbar_b`` in float32 (float64 for float64 x).
+    x: (T, d_model) -> (T, n_blocks)."""
+    dtype = _score_dtype(x.dtype)
+    scores = x.detach().to(dtype) @ kbar.detach().to(dtype).t()
     if bbar is not None:
-        scores = scores + bbar.float()
+        scores = scores + bbar.detach().to(dtype)
     return scores
 
 
@@ -54,7 +61,9 @@ def block_weights_ref(
 ) -> torch.Tensor:
     """(T, n_blocks) weight of every block for every token: the sum over the token's slots
     that chose the block of the slot's gate (1 without gates). Differentiable in ``gates``."""
-    one_hot = torch.nn.functional.one_hot(indices.long(), n_blocks).to(dtype)  # [T, k, nb]
+    # A comparison, not F.one_hot: it batches under torch.func.vmap.
+    blocks = torch.arange(n_blocks, device=indices.device)
+    one_hot = (indices.long().unsqueeze(-1) == blocks).to(dtype)  # [T, k, nb]
     if gates is None:
         return one_hot.sum(1)
     return (one_hot * gates.to(dtype).unsqueeze(-1)).sum(1)

@@ -19,13 +19,14 @@ Tensor = torch.Tensor
 
 
 def block_means(keys: Tensor, key_bias: Tensor | None, block_size: int):
-    """kbar (n_blocks, d_model) and bbar (n_blocks,) in float32, accumulated in float32."""
+    """kbar (n_blocks, d_model) and bbar (n_blocks,) in float32 (float64 for float64 keys)."""
     d_ff, d_model = keys.shape
     n_blocks = d_ff // block_size
-    kbar = keys.view(n_blocks, block_size, d_model).mean(1, dtype=torch.float32)
+    acc = _acc_dtype(keys.dtype)
+    kbar = keys.reshape(n_blocks, block_size, d_model).mean(1, dtype=acc)
     bbar = None
     if key_bias is not None:
-        bbar = key_bias.view(n_blocks, block_size).mean(1, dtype=torch.float32)
+        bbar = key_bias.reshape(n_blocks, block_size).mean(1, dtype=acc)
     return kbar, bbar
 
 
@@ -58,10 +59,15 @@ def ordered_score_keys(scores: Tensor) -> Tensor:
 def select_blocks(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int) -> Tensor:
     """The top_k blocks of largest score per token, best first, ties to the smaller index.
 
-    x2d: (T, d_model); kbar: (n_blocks, d_model) float32. Returns int32 (T, top_k).
+    x2d: (T, d_model); kbar: (n_blocks, d_model) float32. Returns int32 (T, top_k). float64
+    inputs are ranked by their float64 scores (a stable sort: the packed keys hold float32).
     """
     n_blocks = kbar.shape[0]
-    keys = ordered_score_keys(block_scores(x2d, kbar, bbar))
+    scores = block_scores(x2d, kbar, bbar)
+    if scores.dtype == torch.float64:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        return order[:, :top_k].to(torch.int32)
+    keys = ordered_score_keys(scores)
     best = torch.topk(keys, top_k, dim=-1, sorted=True).values
     return (n_blocks - 1 - (best & 0xFFFFFFFF)).to(torch.int32)
 

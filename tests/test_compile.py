@@ -22,7 +22,12 @@ def test_opcheck_registered_ops(backend):
     kbar, bbar = ops.block_means_op(keys, kb, 16, backend)
     torch.library.opcheck(ops.block_means_op, (keys, kb, 16, backend))
     torch.library.opcheck(ops.block_means_op, (keys, None, 16, backend))
+    torch.library.opcheck(ops.block_means_op, (keys, kb.repeat_interleave(2)[::2], 16, backend))
     torch.library.opcheck(ops.select_blocks_op, (x, kbar, bbar, 3, backend))
+    torch.library.opcheck(ops.select_blocks_op, (x, kbar, bbar.repeat_interleave(2)[1::2], 3,
+                                                 backend))
+    if backend == "torch":  # float64 means (only the torch path takes float64)
+        torch.library.opcheck(ops.block_means_op, (keys.double(), kb.double(), 16, backend))
     idx = ops.select_blocks_op(x, kbar, bbar, 3, backend)
     gates = torch.rand(12, 3, device=dev)
     for gate in (None, gates):
@@ -66,3 +71,22 @@ def test_compile_inductor_fullgraph():
     y.pow(2).sum().backward()
     assert_close(y, ffn(x.detach()), name="y")
     assert ffn.key_weight.grad is not None and x.grad is not None
+
+
+def test_compiled_eval_layer_recomputes_means_each_call():
+    """Under torch.compile the cache steps aside (its host-side check would be traced once): a
+    compiled eval-mode layer sees even a .data write, which bypasses the version counter."""
+    torch._dynamo.reset()
+    ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=1, backend="torch").eval()
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 16).abs() + 0.1
+    with torch.no_grad():
+        compiled(x)
+        assert not ffn.means_cache.filled
+        ffn.key_weight.data[48:64] = 0.0
+        ffn.key_weight.data[48:64, 0] = 100.0  # block 3 now wins for every token
+        y = compiled(x)
+    ref = sparse_ffn_ref(x, ffn.key_weight, ffn.value_weight, block_size=16, top_k=1,
+                         key_bias=ffn.key_bias, out_bias=ffn.out_bias)
+    assert_close(y, ref, name="y after an unseen write")
+    assert not ffn.means_cache.filled

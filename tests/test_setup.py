@@ -290,7 +290,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(ops, "backend_unavailable_reason",
-                        lambda backend, device: None if backend == "cuda" else "not here")
+                        lambda backend, device, dtype=None: None if backend == "cuda" else "no")
     return cap
 
 

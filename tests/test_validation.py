@@ -126,3 +126,11 @@ def test_cuda_backend_without_gpu_or_extension_explains(problem):
 def test_auto_uses_torch_on_cpu(problem, monkeypatch):
     from sfnn import ops
     assert ops.resolve_backend("auto", torch.device("cpu"), 10, True) == "torch"
+
+
+def test_bad_means_cache(problem):
+    x, keys, values, kb, ob = problem
+    with pytest.raises(TypeError, match="means_cache must be a sfnn.BlockMeansCache or None"):
+        _call(x, keys, values, means_cache={})
+    with pytest.raises(TypeError, match="means_cache must be"):
+        sfnn.block_means(keys, kb, block_size=16, means_cache="cache")

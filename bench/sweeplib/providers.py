@@ -134,18 +134,16 @@ def _gather(pb: Problem) -> tuple:
 def sfnn_build(pb: Problem, **options) -> tuple:
     """``sfnn.sparse_ffn`` on the problem with extra keyword ``options`` (e.g. ``backend=``).
 
-    sfnn caches kbar per keys tensor until its version counter changes. A training step
-    changes the weights, so in training modes the version is bumped before every call and the
-    block means are recomputed, as after an optimizer step; decoding keeps the cache.
+    sfnn recomputes the block means on every training call; decoding keeps them in a
+    ``BlockMeansCache``, as ``SparseFFN`` does in eval mode.
     """
     import sfnn
 
     c = pb.case
-    stale = [pb.keys, pb.key_bias] if c.mode in ("forward", "forward+backward") else []
+    if c.mode == "decode":
+        options = {**options, "means_cache": sfnn.BlockMeansCache()}
 
     def sparse(x):
-        for t in stale:
-            torch.autograd.graph.increment_version(t)
         return sfnn.sparse_ffn(x, pb.keys, pb.values, block_size=c.block_size, top_k=c.top_k,
                                key_bias=pb.key_bias, out_bias=pb.out_bias,
                                activation=c.activation, **options)
