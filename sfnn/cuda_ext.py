@@ -69,11 +69,23 @@ def supports_device(device: torch.device | str | int) -> bool:
     """True when the extension's kernels can run on ``device``: a CUDA GPU whose compute
     capability has machine code in it or takes its PTX (``sfnn._build.runs_on``: today 8.x, 9.0
     and later). False for other devices. Says nothing of whether the extension is built."""
+    return device_unsupported_reason(device) is None
+
+
+def device_unsupported_reason(device: torch.device | str | int) -> str | None:
+    """None when the extension's kernels can run on ``device`` (see :func:`supports_device`),
+    else why not."""
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        return False
+        return f"the CUDA extension runs on CUDA GPUs only (got device {device})"
     index = torch.cuda.current_device() if device.index is None else device.index
-    return _build.runs_on(_capability(index))
+    cap = _capability(index)
+    if _build.runs_on(cap):
+        return None
+    targets = ", ".join(f"sm_{a}" for a in _build.SASS_ARCHS)
+    return (f"the CUDA extension sfnn._C holds machine code for {targets} and PTX for "
+            f"compute_{_build.PTX_ARCH}, none of which runs on {device} (compute capability "
+            f"{cap[0]}.{cap[1]}); use backend='triton' or 'torch'")
 
 
 @torch.compiler.assume_constant_result  # under torch.compile: read while tracing, a constant

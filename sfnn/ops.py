@@ -131,7 +131,7 @@ def backend_unavailable_reason(backend: str, device: torch.device,
     if device.type != "cuda":
         return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
     ext = _cuda_ext()
-    return None if ext.available() else ext.unavailable_reason()
+    return ext.device_unsupported_reason(device) if ext.available() else ext.unavailable_reason()
 
 
 def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_grad: bool,
@@ -143,8 +143,7 @@ def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_gra
     if backend == "auto":
         if device.type == "cuda" and dtype != torch.float64:
             if (n_tokens <= CUDA_DECODE_MAX_TOKENS and not needs_grad
-                    and backend_unavailable_reason("cuda", device, dtype) is None
-                    and _cuda_ext().supports_device(device)):
+                    and backend_unavailable_reason("cuda", device, dtype) is None):
                 return "cuda"
             if backend_unavailable_reason("triton", device, dtype) is None:
                 return "triton"

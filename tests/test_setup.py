@@ -289,8 +289,8 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["value"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(ops, "backend_unavailable_reason",
-                        lambda backend, device, dtype=None: None if backend == "cuda" else "no")
+    monkeypatch.setattr(sfnn.cuda_ext, "available", lambda: True)
+    monkeypatch.setattr(ops, "triton_import_error", lambda: "no triton in this test")
     return cap
 
 
@@ -302,6 +302,13 @@ def test_auto_skips_the_extension_where_its_kernels_cannot_run(fake_gpu, cap, ex
     for d in (dev, "cuda", 0):
         assert sfnn.cuda_ext.supports_device(d) == (expected == "cuda"), d
     assert ops.resolve_backend("auto", dev, n_tokens=1, needs_grad=False) == expected
+    if expected == "cuda":
+        assert ops.resolve_backend("cuda", dev, n_tokens=1, needs_grad=False) == "cuda"
+    else:  # asked for explicitly, it says why it cannot run
+        with pytest.raises(RuntimeError, match=r"machine code for sm_80, sm_90 and PTX for "
+                                               r"compute_90, none of which runs on cuda:0 "
+                                               r"\(compute capability 7\.5\)"):
+            ops.resolve_backend("cuda", dev, n_tokens=1, needs_grad=False)
 
 
 @pytest.mark.parametrize("cap, expected", [((8, 6), 1.0), ((7, 5), 2.0)])
@@ -328,6 +335,7 @@ def test_capability_lookup_traces_under_torch_compile(monkeypatch, cap, expected
 def test_supports_device_is_false_off_the_gpu():
     assert not sfnn.cuda_ext.supports_device("cpu")
     assert not sfnn.cuda_ext.supports_device(torch.device("meta"))
+    assert "CUDA GPUs only" in sfnn.cuda_ext.device_unsupported_reason("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
