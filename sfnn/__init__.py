@@ -11,8 +11,11 @@ Public API:
     block_ffn       the compute over given block indices, with optional per-slot gates
     BlockMeansCache a layer's cached block means (SparseFFN.means_cache), for decoding
     refresh_block_means  forget cached means after writes the cache cannot see
+    convert         swap a Hugging Face model's dense FFNs for Avg-K sparse FFNs
+    Calibration     what ``convert`` fits on calibration inputs (``sfnn.conversion`` has the rest)
 """
 from .cache import BlockMeansCache, refresh_block_means
+from .conversion import Calibration, ConvertedFFN, convert
 from .distributed import BlockParallelSparseFFN as BlockParallelSparseFFN
 from .functional import block_ffn, block_means, select_blocks, sparse_ffn
 from .module import SparseFFN
@@ -21,4 +24,5 @@ from .ops import BACKENDS
 __version__ = "0.1.0"
 
 __all__ = ["sparse_ffn", "SparseFFN", "block_means", "select_blocks", "block_ffn",
-           "BlockMeansCache", "refresh_block_means", "BACKENDS", "__version__"]
+           "BlockMeansCache", "refresh_block_means", "convert", "Calibration", "ConvertedFFN",
+           "BACKENDS", "__version__"]
