@@ -59,6 +59,14 @@ class BuildPy(build_py):
 
 
 def _cuda_extension_kwargs() -> dict:
+    """setup()'s ext_modules and cmdclass: the CUDA extension when it is to be built, and in any
+    case the build_py that records the outcome beside the package."""
+    ext = _extension()
+    return {"ext_modules": ext.get("ext_modules", []),
+            "cmdclass": {"build_py": BuildPy, **ext.get("cmdclass", {})}}
+
+
+def _extension() -> dict:
     """ext_modules and cmdclass for the CUDA extension, or {} when it is not to be built."""
     flag = os.environ.get(_build.ENV_FLAG)
     try:
@@ -91,12 +99,10 @@ def _cuda_extension_kwargs() -> dict:
             "cmdclass": {"build_ext": BuildExt}}
 
 
-_ext = _cuda_extension_kwargs()
 setup(
     # Our Triton kernels live in triton_kernels/ but install as sfnn.triton_kernels: a top-level
     # "triton_kernels" would collide with Triton's own MoE kernel package.
     packages=["sfnn", "sfnn.triton_kernels"],
     package_dir={"sfnn": "sfnn", "sfnn.triton_kernels": "triton_kernels"},
-    ext_modules=_ext.get("ext_modules", []),
-    cmdclass={"build_py": BuildPy, **_ext.get("cmdclass", {})},
+    **_cuda_extension_kwargs(),
 )
