@@ -37,18 +37,22 @@ def _load_build_helper():
 _build = _load_build_helper()
 # The outcome of this install, recorded beside the package for sfnn.cuda_ext to read.
 OUTCOME = {"built": False, "reason": ""}
-_RECORD_DIRS: list[str] = []
+_RECORD_DIRS: list[tuple[str, bool]] = []
 
 
 def _record(built: bool, reason: str) -> None:
     OUTCOME.update(built=built, reason=reason)
-    for package_dir in _RECORD_DIRS:
-        _build.write_record(package_dir, built=built, reason=reason)
+    for package_dir, editable in _RECORD_DIRS:
+        # A record in the source tree speaks for the environment that installed it only (other
+        # venvs may install the same tree, e.g. tests/test_install_layout.py).
+        _build.write_record(package_dir, built=built, reason=reason,
+                            prefix=sys.prefix if editable else None)
 
 
-def _record_dir(cmd, editable: bool) -> str:
+def _record_dir(cmd, editable: bool) -> tuple[str, bool]:
     # Editable installs import sfnn from the source tree; others from what build_lib holds.
-    return os.path.join(HERE, "sfnn") if editable else os.path.join(cmd.build_lib, "sfnn")
+    return (os.path.join(HERE, "sfnn") if editable else os.path.join(cmd.build_lib, "sfnn"),
+            editable)
 
 
 class BuildPy(build_py):

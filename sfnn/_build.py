@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -299,18 +300,28 @@ def warn(reason: str) -> None:
 # The record the installed package reads
 
 
-def write_record(package_dir: str, *, built: bool, reason: str) -> None:
-    """Record the install's outcome in ``package_dir`` (git-ignored, generated)."""
+def write_record(package_dir: str, *, built: bool, reason: str, prefix: str | None = None
+                 ) -> None:
+    """Record the install's outcome in ``package_dir`` (git-ignored, generated). ``prefix``: the
+    ``sys.prefix`` of the environment the record is for (editable installs: the source tree is
+    shared by every environment that installs it), None for any."""
     os.makedirs(package_dir, exist_ok=True)
+    record = {"extension_built": built, "reason": reason}
+    if prefix is not None:
+        record["prefix"] = prefix
     with open(os.path.join(package_dir, RECORD_NAME), "w") as f:
-        json.dump({"extension_built": built, "reason": reason}, f)
+        json.dump(record, f)
 
 
 def recorded_reason(package_dir: str = HERE) -> str | None:
-    """Why setup.py did not build the extension for this install, if it recorded that."""
+    """Why setup.py did not build the extension for this install, if it recorded that (and the
+    record is for this environment)."""
     try:
         with open(os.path.join(package_dir, RECORD_NAME)) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return None
+    prefix = record.get("prefix")
+    if prefix is not None and os.path.realpath(prefix) != os.path.realpath(sys.prefix):
+        return None  # another environment's editable install of this tree wrote it
     return None if record.get("extension_built") else (record.get("reason") or None)

@@ -228,6 +228,12 @@ def test_recorded_reason_reaches_unavailable_reason(tmp_path):
     _build.write_record(str(tmp_path), built=True, reason="")
     assert _build.recorded_reason(str(tmp_path)) is None
     assert _build.recorded_reason(str(tmp_path / "nowhere")) is None
+    # an editable install's record speaks for the environment that wrote it only
+    _build.write_record(str(tmp_path), built=False, reason="because of Y", prefix=sys.prefix)
+    assert _build.recorded_reason(str(tmp_path)) == "because of Y"
+    _build.write_record(str(tmp_path), built=False, reason="another venv's reason",
+                        prefix=str(tmp_path / "other-venv"))
+    assert _build.recorded_reason(str(tmp_path)) is None
 
 
 # ---------------------------------------------------------------------------------------------
