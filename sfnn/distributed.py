@@ -19,6 +19,12 @@ a process group, and each call moves token rows to the ranks that own their bloc
    row's pairs, and sends one partial output per row back (a third all_to_all);
 5. the source rank sums its tokens' partials (float32, float64 for float64) and adds ``out_bias``.
 
+Selection methods (``selection=``, as :class:`sfnn.SparseFFN`): ``avgk`` as above; ``hash`` and
+``random`` need no block means (no all-gather), their block ids travel as Avg-K's do; ``switch``
+and ``moe`` keep a replicated router (its gradient all-reduced by the layer, like ``out_bias``)
+and their gates travel with the block ids, in a fourth all_to_all (differentiable), and scale
+each pair's output on the owner.
+
 The backward mirrors it: the two row all_to_alls are one autograd function whose backward is the
 all_to_all with the split sizes swapped, so ``dy`` rows travel to the owners, the owners'
 ``block_ffn`` backward produces the shard's weight gradients (which stay on the owner) and the
@@ -36,10 +42,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import selection as selection_lib
 from ._activations import ACTIVATIONS
 from .functional import (
     _check_choice,
     _check_int,
+    _check_selection,
+    _check_weight,
     _check_x,
     block_ffn,
     block_means,
@@ -47,6 +56,7 @@ from .functional import (
 )
 from .module import SparseFFN
 from .ops import BACKENDS
+from .selection import METHODS, ROUTER_METHODS, Selection
 
 Tensor = torch.Tensor
 
@@ -192,6 +202,7 @@ class _Plan(NamedTuple):
     codes: Tensor  # (P,) int64
     rows_per_dest: Tensor  # (world,) int64
     pairs_per_dest: Tensor  # (world,) int64
+    pair_order: Tensor  # (P,) int64: the flat (token * top_k + slot) index of each pair
 
 
 def route(indices: Tensor, n_local: int, world: int) -> _Plan:
@@ -214,7 +225,7 @@ def route(indices: Tensor, n_local: int, world: int) -> _Plan:
     pairs_per_dest = torch.bincount(dest_s, minlength=world)
     first_row = torch.cumsum(rows_per_dest, 0) - rows_per_dest
     codes = (row_id - first_row[dest_s]) * n_local + (flat[order] - dest_s * n_local)
-    return _Plan(tok_s[new_row], codes, rows_per_dest, pairs_per_dest)
+    return _Plan(tok_s[new_row], codes, rows_per_dest, pairs_per_dest, order)
 
 
 def _autocast_dtype(device_type: str):
@@ -297,6 +308,17 @@ class BlockParallelSparseFFN(nn.Module):
     gives the same layer at every world size. Construction checks that every rank passed the same
     configuration and drew the same seed, and raises ValueError on every rank otherwise.
 
+    Selection: ``selection``, ``vocab_size``, ``seed``, ``balance_loss_weight`` and
+    ``z_loss_weight`` as :class:`sfnn.SparseFFN` (``forward(x, token_ids=None)``;
+    :meth:`aux_loss` is the loss of this rank's tokens, and ``sfnn.aux_loss(model)`` sums it
+    with the model's other sparse layers). ``hash``: the table is replicated. ``random``: each
+    rank draws its own tokens' blocks from the layer's seed, its call count and its rank (so a
+    rank's draws differ from the single-device layer's, which numbers tokens globally).
+    ``switch``/``moe``: the router ``router_weight`` (n_blocks, d_model) is replicated and its
+    gradient all-reduced (times ``1 / world_size`` under ``grad_reduction="mean"``); the
+    balancing loss is computed over each rank's own tokens. Not here yet: block-usage counting
+    (``track_usage``).
+
     Every rank must call each forward (and each backward) of the layer together, in the same grad
     mode; a rank with no tokens passes an empty ``(0, d_model)`` input. ``torch.compile`` runs the
     layer eagerly (a graph break around it: its split sizes are data-dependent host values).
@@ -324,19 +346,26 @@ class BlockParallelSparseFFN(nn.Module):
     def __init__(self, d_model: int, d_ff: int, *, block_size: int = 64, top_k: int = 8,
                  activation: str = "relu", bias: bool = True, backend: str = "auto",
                  deterministic: bool = False, grad_reduction: str = "sum",
-                 process_group=None, device=None, dtype=None):
+                 selection: str = "avgk", vocab_size: int | None = None,
+                 balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0,
+                 seed: int | None = None, process_group=None, device=None, dtype=None):
         super().__init__()
+        if seed is None and selection in ("hash", "random"):
+            seed = int(torch.randint(0, 2**62, ()).item())
         self._setup(d_model, d_ff, block_size, top_k, activation, (bias, bias), backend,
-                    deterministic, grad_reduction, process_group, device, dtype)
+                    deterministic, grad_reduction, process_group, device, dtype,
+                    (selection, vocab_size, balance_loss_weight, z_loss_weight, seed))
         seed = self.reset_parameters()
         self._check_consistent(
             {"seed": [torch.tensor([float(seed >> 31), float(seed & (2**31 - 1))])],
-             "out_bias": _fingerprint(self.out_bias)},
+             "out_bias": _fingerprint(self.out_bias),
+             "router_weight": _fingerprint(self.router_weight)},
             "Seed every rank alike (torch.manual_seed(s) with the same s) before constructing "
             "the layer.")
 
     def _setup(self, d_model, d_ff, block_size, top_k, activation, biases, backend,
-               deterministic, grad_reduction, process_group, device, dtype) -> None:
+               deterministic, grad_reduction, process_group, device, dtype,
+               selection_config) -> None:
         for name, v in (("d_model", d_model), ("d_ff", d_ff), ("block_size", block_size),
                         ("top_k", top_k)):
             _check_int(name, v)
@@ -369,6 +398,7 @@ class BlockParallelSparseFFN(nn.Module):
         has_key_bias, has_out_bias = biases
         self.key_bias = nn.Parameter(torch.empty(rows, **factory)) if has_key_bias else None
         self.out_bias = nn.Parameter(torch.empty(d_model, **factory)) if has_out_bias else None
+        self._setup_selection(*selection_config, device=device, dtype=dtype)
         # The gathered (kbar, bbar) of every block, and the stamp it was gathered under.
         self._table: tuple[Tensor, Tensor | None] | None = None
         self._table_stamp = None
@@ -376,6 +406,37 @@ class BlockParallelSparseFFN(nn.Module):
         _ensure_step_hook()
         self._register_load_state_dict_pre_hook(_check_shard_checkpoint, with_module=True)
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    def _setup_selection(self, selection, vocab_size, balance_loss_weight, z_loss_weight, seed,
+                         *, device, dtype) -> None:
+        """The selection method's configuration and state: a replicated router (switch, moe),
+        hash table (hash) or seed and call count (random)."""
+        self.selection = _check_choice("selection", selection, METHODS)
+        if selection == "hash" and vocab_size is None:
+            raise ValueError("selection='hash' needs vocab_size, the number of token ids; then "
+                             "call layer(x, token_ids=ids)")
+        if vocab_size is not None:
+            _check_int("vocab_size", vocab_size)
+        self.vocab_size = vocab_size
+        self.balance_loss_weight = _check_weight("balance_loss_weight", balance_loss_weight)
+        self.z_loss_weight = _check_weight("z_loss_weight", z_loss_weight)
+        self.seed = seed
+        router = None
+        if selection in ROUTER_METHODS:
+            router = nn.Parameter(torch.empty(self.n_blocks, self.d_model, device=device,
+                                              dtype=dtype))
+        self.register_parameter("router_weight", router)
+        table = None
+        if selection == "hash":
+            table = selection_lib.balanced_hash_table(vocab_size, self.n_blocks, self.top_k,
+                                                      seed=seed).to(device)
+        self.register_buffer("hash_table", table)
+        rand = selection == "random"
+        self.register_buffer("random_seed", torch.tensor(seed, dtype=torch.int64, device=device)
+                             if rand else None)
+        self.register_buffer("random_calls", torch.zeros((), dtype=torch.int64, device=device)
+                             if rand else None)
+        self._last_aux_loss: Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -413,6 +474,10 @@ class BlockParallelSparseFFN(nn.Module):
             if self.out_bias is not None:
                 gen.manual_seed(_block_seed(seed, -1))
                 self.out_bias.uniform_(-bound2, bound2, generator=gen)
+            if self.router_weight is not None:
+                gen.manual_seed(_block_seed(seed, -2))
+                std = math.sqrt(0.1 / self.d_model)
+                self.router_weight.normal_(0.0, std, generator=gen).clamp_(-2 * std, 2 * std)
         self.refresh()
         return seed
 
@@ -429,7 +494,9 @@ class BlockParallelSparseFFN(nn.Module):
         w = layer.key_weight
         self._setup(layer.d_model, layer.d_ff, layer.block_size, layer.top_k, layer.activation,
                     (layer.key_bias is not None, layer.out_bias is not None), layer.backend,
-                    layer.deterministic, grad_reduction, process_group, w.device, w.dtype)
+                    layer.deterministic, grad_reduction, process_group, w.device, w.dtype,
+                    (layer.selection, layer.vocab_size, layer.balance_loss_weight,
+                     layer.z_loss_weight, layer.seed))
         rows = slice(self.rank * self.key_weight.shape[0],
                      (self.rank + 1) * self.key_weight.shape[0])
         with torch.no_grad():
@@ -439,11 +506,17 @@ class BlockParallelSparseFFN(nn.Module):
                 self.key_bias.copy_(layer.key_bias[rows])
             if self.out_bias is not None:
                 self.out_bias.copy_(layer.out_bias)
+            for name in ("router_weight", "hash_table", "random_seed", "random_calls"):
+                if getattr(self, name) is not None:
+                    getattr(self, name).copy_(getattr(layer, name))
         self._check_consistent(
             {"key_weight": _fingerprint(layer.key_weight),
              "value_weight": _fingerprint(layer.value_weight),
              "key_bias": _fingerprint(layer.key_bias),
-             "out_bias": _fingerprint(layer.out_bias)},
+             "out_bias": _fingerprint(layer.out_bias),
+             "router_weight": _fingerprint(layer.router_weight),
+             "hash_table": _fingerprint(layer.hash_table),
+             "random_seed": _fingerprint(layer.random_seed)},
             "from_sparse_ffn shards one layer that every rank holds identically: seed every rank "
             "alike before building it, or load the same checkpoint on every rank.")
         return self
@@ -452,9 +525,11 @@ class BlockParallelSparseFFN(nn.Module):
         config = [float(v) for v in (self.d_model, self.d_ff, self.block_size, self.top_k,
                                      ACTIVATIONS.index(self.activation),
                                      GRAD_REDUCTIONS.index(self.grad_reduction),
-                                     self.key_bias is not None, self.out_bias is not None)]
+                                     self.key_bias is not None, self.out_bias is not None,
+                                     METHODS.index(self.selection), self.vocab_size or 0,
+                                     self.balance_loss_weight, self.z_loss_weight)]
         what = ("configuration (d_model, d_ff, block_size, top_k, activation, grad_reduction, "
-                "key_bias, out_bias)")
+                "key_bias, out_bias, selection, vocab_size, balance_loss_weight, z_loss_weight)")
         named = {what: [torch.tensor(config, dtype=torch.float64)], **named}
         named = {k: [t.reshape(-1) for t in v] for k, v in named.items()}
         named = {k: list(torch.cat(v).unbind()) for k, v in named.items()}
@@ -466,7 +541,9 @@ class BlockParallelSparseFFN(nn.Module):
         every rank."""
         full = SparseFFN(self.d_model, self.d_ff, block_size=self.block_size, top_k=self.top_k,
                          activation=self.activation, backend=self.backend,
-                         deterministic=self.deterministic, device="meta",
+                         deterministic=self.deterministic, selection=self.selection,
+                         vocab_size=self.vocab_size, balance_loss_weight=self.balance_loss_weight,
+                         z_loss_weight=self.z_loss_weight, seed=self.seed, device="meta",
                          dtype=self.key_weight.dtype)
         full = full.to_empty(device=self.key_weight.device)
         for name in ("key_bias", "out_bias"):
@@ -480,6 +557,9 @@ class BlockParallelSparseFFN(nn.Module):
                                                                     f"gather_full ({name})"))
             if self.out_bias is not None:
                 full.out_bias.copy_(self.out_bias)
+            for name in ("router_weight", "hash_table", "random_seed", "random_calls"):
+                if getattr(self, name) is not None:
+                    getattr(full, name).copy_(getattr(self, name))
         return full
 
     def refresh(self) -> None:
@@ -546,17 +626,44 @@ class BlockParallelSparseFFN(nn.Module):
                             f"torch.autocast); got {x2d.dtype}")
         return x2d
 
-    def _select(self, x2d: Tensor, table: tuple[Tensor, Tensor | None]) -> Tensor:
+    def _select(self, x2d: Tensor, table: tuple[Tensor, Tensor | None],
+                token_ids: Tensor | None = None) -> Tensor | Selection:
         """The routing step, in one call so that another selection method can replace it:
-        (T, top_k) global block ids chosen on the full table."""
-        kbar, bbar = table
+        (T, top_k) global block ids (Avg-K: chosen on the full table), or a 2-D
+        :class:`sfnn.Selection` (with gates and the aux loss) for the other methods.
+        ``token_ids`` (T,), validated, is passed only when the method needs it (hash)."""
+        if self.selection == "avgk":
+            kbar, bbar = table
+            with _autocast_off(x2d.device.type):
+                return select_blocks(x2d, kbar, bbar, self.top_k, backend=self.backend)
+        seed = None
+        if self.selection == "random":
+            seed = selection_lib.call_seed(selection_lib.call_seed(
+                self.random_seed, self.random_calls), self.rank)
+        router = self.router_weight
+        if router is not None and torch.is_grad_enabled():
+            scale = 1.0 / self.world_size if self.grad_reduction == "mean" else 1.0
+            router = _ReplicatedGrad.apply(router, self._comm, scale)
         with _autocast_off(x2d.device.type):
-            return select_blocks(x2d, kbar, bbar, self.top_k, backend=self.backend)
+            from .ops import resolve_backend
+
+            backend = resolve_backend(self.backend, x2d.device, x2d.shape[0], False, x2d.dtype)
+            return selection_lib.select(
+                x2d, self.selection, top_k=self.top_k, n_blocks=self.n_blocks, backend=backend,
+                router_weight=router, token_ids=token_ids, hash_table=self.hash_table, seed=seed,
+                balance_loss_weight=self.balance_loss_weight, z_loss_weight=self.z_loss_weight)
+
+    def aux_loss(self) -> Tensor:
+        """() the auxiliary loss of this rank's tokens in the last forward (switch/moe: the
+        weighted balancing loss and z-loss; zero otherwise and before the first forward)."""
+        if self._last_aux_loss is None:
+            return torch.zeros((), device=self.key_weight.device)
+        return self._last_aux_loss
 
     def _empty_plan(self, device) -> _Plan:
         z = torch.zeros(0, dtype=torch.int64, device=device)
         w = torch.zeros(self.world_size, dtype=torch.int64, device=device)
-        return _Plan(z, z, w, w)
+        return _Plan(z, z, w, w, z)
 
     def _exchange_counts(self, plan: _Plan, error: Exception | None, stale: bool, device):
         """The counts all_to_all and the call's one device-to-host copy.
@@ -589,8 +696,9 @@ class BlockParallelSparseFFN(nn.Module):
         return counts, recv, any(g[3] for g in got)
 
     @torch.compiler.disable
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """(..., d_model) -> (..., d_model): this rank's tokens through the whole layer.
+        ``token_ids`` (x's leading shape) are needed by ``selection="hash"``.
 
         The one host sync per call: the all_to_alls of token rows take their split sizes as
         host integers (NCCL and gloo both do), and those sizes depend on the selection (how many
@@ -611,33 +719,49 @@ class BlockParallelSparseFFN(nn.Module):
         ever selects with stale means, and the cost of a change is one repeated selection and
         counts exchange.
         """
-        error, x2d = None, None
+        error, x2d, ids = None, None, None
         try:
             x2d = self._prepare(x)
+            ids = _check_selection(self.selection, x, self.n_blocks, self.top_k,
+                                   self.router_weight, token_ids, self.hash_table, None)
         except Exception as err:  # noqa: BLE001 - raised on every rank after the counts exchange
             error = err
         device = self.key_weight.device
-        if self._weights_in_autograd():
+        if self.selection != "avgk":
+            table = ()  # no block means needed
+        elif self._weights_in_autograd():
             table = self._gather_table()
         elif self._table is not None and self._table_stamp == self._stamp():
             table = self._table
         else:
             table = None
+        if self.random_calls is not None:
+            with torch.no_grad():
+                self.random_calls.add_(1)
+        gates = None
         for _ in range(2):
             plan = self._empty_plan(device)
             if error is None and table is not None:
                 try:
-                    plan = route(self._select(x2d, table), self.n_local_blocks, self.world_size)
+                    args = (x2d, table) if ids is None else (x2d, table, ids)
+                    sel = self._select(*args)
+                    if isinstance(sel, Selection):
+                        indices, gates = sel.indices, sel.gates
+                        self._last_aux_loss = sel.aux_loss
+                    else:
+                        indices = sel
+                    plan = route(indices, self.n_local_blocks, self.world_size)
                 except Exception as err:  # noqa: BLE001 - as for invalid input
                     error = err
             counts, recv, any_stale = self._exchange_counts(plan, error, table is None, device)
             if not any_stale:
                 break
             table = self._gather_table()
-        y2d = self._dispatch_compute_combine(x2d, plan, counts, recv)
+        y2d = self._dispatch_compute_combine(x2d, plan, counts, recv, gates)
         return y2d.reshape(x.shape[:-1] + (self.d_model,))
 
-    def _dispatch_compute_combine(self, x2d: Tensor, plan: _Plan, counts, recv: Tensor) -> Tensor:
+    def _dispatch_compute_combine(self, x2d: Tensor, plan: _Plan, counts, recv: Tensor,
+                                  gates: Tensor | None = None) -> Tensor:
         send_rows, send_pairs, recv_rows, recv_pairs = counts
         comm, d, n_local = self._comm, self.d_model, self.n_local_blocks
         acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
@@ -662,9 +786,17 @@ class BlockParallelSparseFFN(nn.Module):
             scale = 1.0 / self.world_size
             kw, vw = _ScaleGrad.apply(kw, scale), _ScaleGrad.apply(vw, scale)
             kb = None if kb is None else _ScaleGrad.apply(kb, scale)
+        pair_gates = None
+        if self.router_weight is not None:
+            # Every rank runs this all_to_all (a rank with no tokens sends no gates).
+            g_send = x2d.new_zeros(0, dtype=acc) if gates is None else \
+                gates.reshape(-1)[plan.pair_order]
+            pair_gates = _AllToAll.apply(g_send, anchor, recv_pairs, send_pairs, comm,
+                                         "all_to_all of gates")[:, None]
         y_pairs = block_ffn(x_recv.index_select(0, pair_row), kw, vw, local_block[:, None],
-                            block_size=self.block_size, key_bias=kb, activation=self.activation,
-                            backend=self.backend, deterministic=self.deterministic)
+                            block_size=self.block_size, key_bias=kb, gates=pair_gates,
+                            activation=self.activation, backend=self.backend,
+                            deterministic=self.deterministic)
         y_rows = x_recv.new_zeros(x_recv.shape[0], d, dtype=acc).index_add(
             0, pair_row, y_pairs.to(acc)).to(x2d.dtype)
         # Combine: each row's partial output back to its token's rank, summed there.
@@ -687,7 +819,7 @@ class BlockParallelSparseFFN(nn.Module):
                 f"backend={self.backend!r}, "
                 f"rank={self.rank}, world_size={self.world_size}, "
                 f"blocks=[{self.block_offset}, {self.block_offset + self.n_local_blocks}), "
-                f"grad_reduction={self.grad_reduction!r}")
+                f"grad_reduction={self.grad_reduction!r}, selection={self.selection!r}")
 
 
 def _block_seed(seed: int, block: int) -> int:

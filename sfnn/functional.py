@@ -4,6 +4,10 @@ Shapes: ``x`` is (..., d_model) with any number of leading dims (flattened to T 
 ``keys`` and ``values`` are (d_ff, d_model) (``values`` is ``fc2.weight.T``); ``key_bias`` is
 (d_ff,); ``out_bias`` is (d_model,); block ``b`` holds cells ``[b*g, (b+1)*g)``.
 
+Selection: :func:`sparse_ffn` takes ``selection=`` (``"avgk"``, ``"switch"``, ``"moe"``,
+``"hash"``, ``"random"``; decided in :mod:`sfnn.selection`) and returns the
+:class:`sfnn.Selection` (indices, gates, aux loss) on request.
+
 Block means are recomputed on every call unless the caller passes a
 :class:`~sfnn.cache.BlockMeansCache` it owns (``SparseFFN`` passes its own in eval mode).
 Under forward-mode AD and ``torch.func`` transforms the layer is computed from differentiable
@@ -16,8 +20,10 @@ import contextlib
 import torch
 
 from . import ops, reference, torch_path
+from . import selection as selection_lib
 from ._activations import ACTIVATIONS
 from .cache import BlockMeansCache, fresh_block_means
+from .selection import METHODS, ROUTER_METHODS, Selection
 
 Tensor = torch.Tensor
 
@@ -228,14 +234,9 @@ def select_blocks(x: Tensor, kbar: Tensor, bbar: Tensor | None = None, top_k: in
 
 def _select(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int, backend: str,
             route: str | None) -> Tensor:
-    """int32 (T, top_k) on ``x2d.detach()``: the registered op, or plain torch ops on a
-    transform's route (see :func:`sfnn.ops.transform_route`)."""
-    x2d = x2d.detach()
-    if route == "dense":
-        return reference.select_blocks_ref(x2d, kbar, bbar, top_k)
-    if route == "composite":
-        return torch_path.select_blocks(x2d, kbar, bbar, top_k)
-    return ops.select_blocks_op(x2d, kbar, bbar, top_k, backend)
+    """int32 (T, top_k) Avg-K blocks on ``x2d.detach()`` (see
+    :func:`sfnn.selection.avgk_indices`)."""
+    return selection_lib.avgk_indices(x2d, kbar, bbar, top_k, backend, route)
 
 
 def _check_indices(indices, x: Tensor, n_blocks: int, name: str = "indices") -> Tensor:
@@ -321,16 +322,124 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
     return y2d.reshape(x.shape[:-1] + (d_model,))
 
 
+def _check_weight(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"{name} must be a float >= 0, got {v!r}")
+    return float(v)
+
+
+def _check_in_range(t: Tensor, high: int, message: str) -> None:
+    """Raise ValueError(message) unless every value of the integer tensor ``t`` lies in
+    ``[0, high)``: on the CPU at once; on CUDA a device-side assert (no host sync); not while
+    torch.compile traces or a torch.func transform runs (no host read there)."""
+    if not t.numel() or torch.compiler.is_compiling() or ops.functorch_active():
+        return
+    in_range = ((t >= 0) & (t < high)).all()
+    if t.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(message)
+    else:
+        torch._assert_async(in_range, message)
+
+
+def _check_selection(selection, x: Tensor, n_blocks: int, top_k: int, router_weight, token_ids,
+                     hash_table, seed) -> Tensor | None:
+    """Validate a selection method's arguments; returns the flat token ids (hash) or None."""
+    _check_choice("selection", selection, METHODS)
+    d_model = x.shape[-1]
+    if selection in ROUTER_METHODS:
+        if router_weight is None:
+            raise ValueError(
+                f"selection={selection!r} needs router_weight, the (n_blocks, d_model) = "
+                f"({n_blocks}, {d_model}) router (SparseFFN(..., selection={selection!r}) owns "
+                f"one as its router_weight parameter)")
+        _check_tensor("router_weight", router_weight, dim=2)
+        if tuple(router_weight.shape) != (n_blocks, d_model):
+            raise ValueError(f"router_weight must be (n_blocks, d_model) = ({n_blocks}, "
+                             f"{d_model}), got {tuple(router_weight.shape)}")
+    elif router_weight is not None:
+        raise ValueError(f"router_weight is used only by selection='switch' or 'moe', not "
+                         f"{selection!r}: drop it, or choose a router method")
+    if selection != "hash" and hash_table is not None:
+        raise ValueError(f"hash_table is used only by selection='hash', not {selection!r}")
+    if selection != "random" and seed is not None:
+        raise ValueError(f"seed is used only by selection='random', not {selection!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(
+            seed, (int, torch.Tensor, torch.Generator))):
+        raise TypeError(f"seed must be an int, an int64 tensor, a torch.Generator or None, got "
+                        f"{type(seed).__name__}")
+    if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.dtype.is_floating_point
+                                           or seed.dtype == torch.bool):
+        raise TypeError(f"a seed tensor must hold one integer, got {seed.dtype} "
+                        f"{tuple(seed.shape)}")
+    if selection != "hash":
+        return None  # token ids are accepted and ignored by the other methods
+    if hash_table is None:
+        raise ValueError("selection='hash' needs hash_table, the (vocab_size, top_k) map from "
+                         "token id to blocks: sfnn.balanced_hash_table(vocab_size, n_blocks, "
+                         "top_k, seed=0) (SparseFFN(..., selection='hash', vocab_size=V) builds "
+                         "and keeps one)")
+    if not isinstance(hash_table, torch.Tensor) or hash_table.dtype.is_floating_point or \
+            hash_table.dtype == torch.bool or hash_table.dim() != 2:
+        raise TypeError("hash_table must be a 2-D integer tensor (vocab_size, top_k)")
+    if hash_table.shape[1] != top_k:
+        raise ValueError(f"hash_table must be (vocab_size, top_k={top_k}), got "
+                         f"{tuple(hash_table.shape)}: build it with the layer's top_k")
+    if hash_table.device != x.device:
+        raise ValueError(f"hash_table must be on x's device {x.device}, got {hash_table.device}")
+    vocab = hash_table.shape[0]
+    if token_ids is None:
+        raise ValueError("selection='hash' needs the tokens' ids: call ffn(x, token_ids=ids) "
+                         "(or sparse_ffn(..., token_ids=ids)) with ids of x's leading shape "
+                         f"{tuple(x.shape[:-1])}")
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dtype.is_floating_point or \
+            token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor, got "
+                        f"{getattr(token_ids, 'dtype', type(token_ids).__name__)}")
+    if token_ids.shape != x.shape[:-1]:
+        raise ValueError(f"token_ids must have x's leading shape {tuple(x.shape[:-1])}, got "
+                         f"{tuple(token_ids.shape)}")
+    if token_ids.device != x.device:
+        raise ValueError(f"token_ids must be on x's device {x.device}, got {token_ids.device}")
+    _check_in_range(hash_table, n_blocks, f"hash_table entries must lie in [0, n_blocks="
+                                          f"{n_blocks})")
+    ids = token_ids.reshape(-1)
+    _check_in_range(ids, vocab, f"token_ids must lie in [0, vocab_size={vocab}): the hash table "
+                                f"has {vocab} rows; build the layer with a vocab_size that "
+                                f"covers the tokenizer's vocabulary")
+    return ids
+
+
 def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_k: int,
                key_bias: Tensor | None = None, out_bias: Tensor | None = None,
                activation: str = "relu", backend: str = "auto",
                deterministic: bool = False,
-               means_cache: BlockMeansCache | None = None) -> Tensor:
-    """The Avg-K sparse FFN: score blocks by their mean key, keep the top_k, compute only those.
+               means_cache: BlockMeansCache | None = None,
+               selection: str = "avgk", router_weight: Tensor | None = None,
+               token_ids: Tensor | None = None, hash_table: Tensor | None = None,
+               seed=None, balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0,
+               return_selection: bool = False):
+    """The sparse FFN: choose each token's ``top_k`` blocks, compute only those.
 
-    ``y_t = sum_{b in S_t} sum_{i in b} act(x_t . k_i + b_i) v_i + out_bias`` where ``S_t`` holds
-    the ``top_k`` blocks of largest ``x_t . kbar_b + bbar_b`` (no gate, no renormalisation).
-    ``top_k == d_ff // block_size`` is exactly the dense FFN.
+    ``y_t = sum_{j} gate[t, j] * sum_{i in block S_t[j]} act(x_t . k_i + b_i) v_i + out_bias``.
+    With the default ``selection="avgk"``, ``S_t`` holds the ``top_k`` blocks of largest
+    ``x_t . kbar_b + bbar_b`` and every gate is 1 (no gate, no renormalisation);
+    ``top_k == d_ff // block_size`` is then exactly the dense FFN, and ``block_size=1`` is the
+    exact top-k over cells (the paper's unrestricted memory).
+
+    The other selection methods (the paper's comparison; :mod:`sfnn.selection`):
+
+    - ``"switch"``: top_k of the router logits ``x W_r^T``, each block's output scaled by its
+      softmax probability (Switch Transformer; its top_k is 1). Needs ``router_weight``.
+    - ``"moe"``: the same top_k, scaled by the softmax over the chosen logits (renormalised).
+    - ``"hash"``: HashLayer, a fixed map from token id to blocks: needs ``token_ids`` and
+      ``hash_table`` (:func:`sfnn.balanced_hash_table`).
+    - ``"random"``: top_k distinct blocks drawn uniformly per token per call (a control), from
+      ``seed``: an int or int64 tensor (the same seed, the same draws, on every device), a
+      ``torch.Generator`` (a fresh draw from it), or None (a fresh draw from the default
+      generator of x's device, reproducible under ``torch.manual_seed``).
+
+    Routing is **dropless**: no capacity factor, no token dropped, whatever a block's load.
 
     Args:
         x: (..., d_model) float16/bfloat16/float32/float64; any leading dims, possibly empty.
@@ -345,12 +454,22 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
         means_cache: a :class:`sfnn.BlockMeansCache` the caller owns, reused across calls
             where the keys take no part in autograd (decoding); None recomputes the block
             means (one read of ``keys``) on every call. See :func:`block_means` for what a
-            cache sees and what it does not.
+            cache sees and what it does not. Only ``avgk`` reads block means.
+        selection: "avgk" (default), "switch", "moe", "hash" or "random".
+        router_weight: (n_blocks, d_model) router of switch/moe (logits in float32).
+        token_ids: x's leading shape, integer in [0, vocab_size) (hash; ignored otherwise).
+        hash_table: (vocab_size, top_k) integer in [0, n_blocks) (hash).
+        seed: the random method's seed (see above).
+        balance_loss_weight, z_loss_weight: weights of the router's losses in
+            ``Selection.aux_loss`` (Switch's 0.01; ST-MoE's z-loss weight is 0.001).
+        return_selection: also return the :class:`sfnn.Selection` (indices, gates, aux_loss,
+            balance_loss, z_loss), the only way the functional form hands out the aux loss.
 
     Returns:
         (..., d_model) in x's dtype (the autocast dtype under ``torch.autocast``, which, as for
-        ``nn.Linear``, leaves float64 alone). Gradients flow to x, keys, values and both biases
-        through the selected cells only.
+        ``nn.Linear``, leaves float64 alone), or ``(y, Selection)`` with ``return_selection``.
+        Gradients flow to x, keys, values and both biases through the selected cells only, and,
+        for switch/moe, to ``router_weight`` and ``x`` through the gates and the aux loss.
 
     Autodiff: reverse mode through the registered ops; double backward (``create_graph=True``),
     forward-mode AD and ``torch.func`` transforms (grad, jvp, vmap, jacrev, ...) are supported
@@ -361,6 +480,10 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
         >>> x = torch.randn(2, 10, 512)
         >>> keys, values = torch.randn(8192, 512), torch.randn(8192, 512)
         >>> y = sfnn.sparse_ffn(x, keys, values, block_size=64, top_k=16, activation="gelu")
+        >>> router = torch.randn(128, 512) * 0.01
+        >>> y, sel = sfnn.sparse_ffn(x, keys, values, block_size=64, top_k=1, selection="switch",
+        ...                          router_weight=router, return_selection=True)
+        >>> loss = y.square().mean() + sel.aux_loss
     """
     _check_choice("activation", activation, ACTIVATIONS)
     _check_choice("backend", backend, ops.BACKENDS)
@@ -370,34 +493,52 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     _check_int("top_k", top_k)
     if top_k > n_blocks:
         raise ValueError(f"top_k={top_k} must be <= n_blocks = d_ff // block_size = {n_blocks}")
+    ids = _check_selection(selection, x, n_blocks, top_k, router_weight, token_ids, hash_table,
+                           seed)
+    bw = _check_weight("balance_loss_weight", balance_loss_weight)
+    zw = _check_weight("z_loss_weight", z_loss_weight)
     t, autocast_device = _harmonise(dict(x=x, keys=keys, values=values, key_bias=key_bias,
-                                         out_bias=out_bias))
-    if backend == "reference":
-        with _autocast_off(autocast_device):
-            return reference.sparse_ffn_ref(t["x"], t["keys"], t["values"], block_size=block_size,
-                                            top_k=top_k, key_bias=t["key_bias"],
-                                            out_bias=t["out_bias"], activation=activation)
+                                         out_bias=out_bias, router_weight=router_weight))
+    if selection == "random":
+        seed = selection_lib.resolve_seed(seed, x.device)
+    lead = x.shape[:-1]
     x2d = t["x"].reshape(-1, d_model)
-    # Gradients the kernels compute (out_bias's is dy summed, taken by the op layer).
-    kernel_grad = _needs_grad(x, keys, values, key_bias)
-    route = ops.transform_route(*t.values())
+    # Gradients the kernels compute (out_bias's is dy summed, taken by the op layer); a
+    # router's gradient comes through the gates' gradient.
+    kernel_grad = _needs_grad(x, keys, values, key_bias, router_weight)
+    route = None if backend == "reference" else ops.transform_route(*t.values())
+    if backend == "reference" or route == "dense":
+        with _autocast_off(autocast_device):
+            y, idx, gates, bal, z = reference.sparse_ffn_ref(
+                t["x"], t["keys"], t["values"], block_size=block_size, top_k=top_k,
+                key_bias=t["key_bias"], out_bias=t["out_bias"], activation=activation,
+                selection=selection, router_weight=router_weight, token_ids=token_ids,
+                hash_table=hash_table, seed=seed, return_selection=True)
+        sel = Selection(idx, gates, bw * bal + zw * z, bal, z)
+        return (y, sel) if return_selection else y
     be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad and route is None,
                              x2d.dtype)
     with _autocast_off(autocast_device):
-        if route == "dense":
-            return reference.sparse_ffn_ref(t["x"], t["keys"], t["values"], block_size=block_size,
-                                            top_k=top_k, key_bias=t["key_bias"],
-                                            out_bias=t["out_bias"], activation=activation)
         if route is not None:
             be = "torch"
-        # Means come from the parameters themselves, not the autocast copies.
-        kbar, bbar = _means(keys, key_bias, block_size, be, means_cache)
-        indices = _select(x2d, kbar, bbar, top_k, be, route)
+        kbar = bbar = None
+        if selection == "avgk":
+            # Means come from the parameters themselves, not the autocast copies.
+            kbar, bbar = _means(keys, key_bias, block_size, be, means_cache)
+        sel = selection_lib.select(
+            x2d, selection, top_k=top_k, n_blocks=n_blocks, backend=be, route=route, kbar=kbar,
+            bbar=bbar, router_weight=router_weight, token_ids=ids, hash_table=hash_table,
+            seed=seed, balance_loss_weight=bw, z_loss_weight=zw)
         if route == "composite":
-            y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], indices, t["key_bias"],
-                                          t["out_bias"], None, block_size, activation)
+            y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], sel.indices,
+                                          t["key_bias"], t["out_bias"], sel.gates, block_size,
+                                          activation)
         else:
-            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], indices, t["key_bias"],
-                                         t["out_bias"], None, block_size, activation, be,
+            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], sel.indices, t["key_bias"],
+                                         t["out_bias"], sel.gates, block_size, activation, be,
                                          _deterministic(deterministic), kernel_grad)
-    return y2d.reshape(x.shape[:-1] + (d_model,))
+    y = y2d.reshape(lead + (d_model,))
+    if not return_selection:
+        return y
+    gates = None if sel.gates is None else sel.gates.reshape(lead + (top_k,))
+    return y, sel._replace(indices=sel.indices.reshape(lead + (top_k,)), gates=gates)

@@ -2,9 +2,14 @@
 
 Every cell of the FFN is computed and the cells of unselected blocks are masked out, so the
 result is right by construction; autograd supplies the gradients. Never a fast path.
+
+Every selection method of :mod:`sfnn.selection` has its oracle here (:func:`select_ref`), written
+independently of the fast code: router top-k by a stable sort, the balancing loss from dense
+one-hot masks, the random draws in numpy's wrapping uint32 arithmetic.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._activations import apply_activation
@@ -106,6 +111,100 @@ def block_ffn_ref(
     return y
 
 
+def router_logits_ref(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """(T, n_blocks) router logits in float32 (float64 for float64 x), differentiable."""
+    dtype = _score_dtype(x.dtype)
+    return x.to(dtype) @ router_weight.to(dtype).t()
+
+
+def topk_ref(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """int32 (T, top_k): columns of the largest scores, best first, ties to the smaller one."""
+    order = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices
+    return order[:, :top_k].to(torch.int32)
+
+
+def balance_loss_ref(probs: torch.Tensor, indices: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """``n_blocks * sum_b f_b P_b``: f_b the share of the (token, slot) assignments that chose b
+    (a dense one-hot count), P_b the mean router probability of b. probs: (T, n_blocks)."""
+    T, top_k = indices.shape
+    if T == 0:
+        return probs.sum() * 0
+    chosen = block_weights_ref(indices, n_blocks, None, probs.dtype)  # [T, n_blocks]
+    f = chosen.sum(0) / (T * top_k)
+    return n_blocks * (f * probs.mean(0)).sum()
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    """lowbias32 in numpy uint32, whose multiplication wraps modulo 2**32."""
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def random_blocks_ref(n_tokens: int, n_blocks: int, top_k: int, seed) -> torch.Tensor:
+    """int32 (n_tokens, top_k): the ``random`` method's draws (see
+    :func:`sfnn.selection.random_blocks`), computed in numpy uint32 arithmetic. seed: an int or
+    an int64 () tensor."""
+    seed = int(seed) & (2**64 - 1)
+    lo, hi = np.array([seed & 0xFFFFFFFF], np.uint32), np.array([seed >> 32], np.uint32)
+    h0 = _mix32_np(_mix32_np(lo ^ np.uint32(0x243F6A88)) ^ hi)
+    t = np.arange(n_tokens, dtype=np.uint64)
+    t_lo, t_hi = (t & np.uint64(0xFFFFFFFF)).astype(np.uint32), (t >> np.uint64(32))
+    ht = _mix32_np(_mix32_np(h0 ^ t_lo) ^ t_hi.astype(np.uint32))
+    hb = _mix32_np(np.arange(n_blocks, dtype=np.uint32) ^ np.uint32(0x9E3779B9))
+    key = _mix32_np(ht[:, None] ^ hb[None, :]) >> np.uint32(1)  # 31 bits
+    # Largest key first; among equal keys the smaller block (a stable sort of -key).
+    order = np.argsort(-key.astype(np.int64), axis=1, kind="stable")[:, :top_k]
+    return torch.from_numpy(order.astype(np.int32))
+
+
+def select_ref(
+    x: torch.Tensor,
+    selection: str,
+    *,
+    top_k: int,
+    n_blocks: int,
+    keys: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    block_size: int | None = None,
+    router_weight: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    hash_table: torch.Tensor | None = None,
+    seed=None,
+):
+    """The oracle of every selection method: ``(indices (T, top_k) int32, gates (T, top_k) or
+    None, balance_loss (), z_loss ())``.
+
+    x: (T, d_model). avgk: keys (d_ff, d_model), key_bias, block_size. switch/moe:
+    router_weight (n_blocks, d_model); gates and losses are differentiable in x and the router.
+    hash: token_ids (T,), hash_table (vocab, top_k). random: seed (int or int64 () tensor).
+    """
+    zero = torch.zeros((), dtype=_score_dtype(x.dtype), device=x.device)
+    if selection == "avgk":
+        kbar, bbar = block_means_ref(keys, key_bias, block_size)
+        return select_blocks_ref(x, kbar, bbar, top_k), None, zero, zero
+    if selection == "hash":
+        return hash_table[token_ids.long()].to(torch.int32), None, zero, zero
+    if selection == "random":
+        return random_blocks_ref(x.shape[0], n_blocks, top_k, seed).to(x.device), None, zero, zero
+    if selection not in ("switch", "moe"):
+        raise ValueError(f"unknown selection {selection!r}")
+    logits = router_logits_ref(x, router_weight)
+    indices = topk_ref(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    chosen = logits.gather(1, indices.long())
+    if selection == "switch":
+        gates = probs.gather(1, indices.long())
+    else:
+        gates = torch.softmax(chosen, dim=-1)
+    z = (torch.logsumexp(logits, dim=-1) ** 2).mean() if x.shape[0] else zero
+    return indices, gates, balance_loss_ref(probs, indices, n_blocks), z
+
+
 def sparse_ffn_ref(
     x: torch.Tensor,
     keys: torch.Tensor,
@@ -116,13 +215,32 @@ def sparse_ffn_ref(
     key_bias: torch.Tensor | None = None,
     out_bias: torch.Tensor | None = None,
     activation: str = "relu",
-) -> torch.Tensor:
-    """Avg-K selection followed by the dense-masked block FFN. x: (..., d_model) -> same shape."""
+    selection: str = "avgk",
+    router_weight: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    hash_table: torch.Tensor | None = None,
+    seed=None,
+    return_selection: bool = False,
+):
+    """Selection (Avg-K by default, or any method of :func:`select_ref`) followed by the
+    dense-masked block FFN with the method's gates. x: (..., d_model) -> same shape; token_ids:
+    x's leading shape (hash).
+
+    With ``return_selection``: ``(y, indices (..., top_k), gates (..., top_k) or None,
+    balance_loss, z_loss)``.
+    """
     x2d = x.reshape(-1, x.shape[-1])
-    kbar, bbar = block_means_ref(keys, key_bias, block_size)
-    indices = select_blocks_ref(x2d, kbar, bbar, top_k)
+    ids = None if token_ids is None else token_ids.reshape(-1)
+    indices, gates, bal, z = select_ref(
+        x2d, selection, top_k=top_k, n_blocks=keys.shape[0] // block_size, keys=keys,
+        key_bias=key_bias, block_size=block_size, router_weight=router_weight, token_ids=ids,
+        hash_table=hash_table, seed=seed,
+    )
     y = block_ffn_ref(
         x2d, keys, values, indices, block_size=block_size, key_bias=key_bias,
-        out_bias=out_bias, activation=activation,
-    )
-    return y.reshape(x.shape)
+        out_bias=out_bias, gates=gates, activation=activation,
+    ).reshape(x.shape)
+    if not return_selection:
+        return y
+    lead = x.shape[:-1] + (top_k,)
+    return y, indices.reshape(lead), None if gates is None else gates.reshape(lead), bal, z

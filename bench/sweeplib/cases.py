@@ -72,6 +72,9 @@ def grid(tokens, d_models, ffn_mult, block_sizes, densities, modes, **kw) -> lis
     return cases
 
 
+# The paper's selection methods (issue 10) beside Avg-K on the torch path.
+SELECTION_PROVIDERS = ("torch", "switch", "moe", "hash", "random")
+
 ACCEPTANCE = dict(tokens=4096, d_model=512, d_ff=8192, block_size=64, top_k=16, dtype="float32",
                   activation="gelu")
 
@@ -90,6 +93,9 @@ def preset_default(device: str) -> list:
                                   providers=("dense", "torch"), min_reps=3))
         cases.append(Case(**ACCEPTANCE, mode="forward", providers=("dense", "naive", "torch"),
                           min_reps=3))
+        for mode in ("forward", "forward+backward"):  # issue 10: selection cost beside Avg-K
+            cases.append(Case(**ACCEPTANCE, mode=mode, providers=SELECTION_PROVIDERS,
+                              tag="selection", min_reps=3))
         for t in (1, 8):
             cases.append(Case(t, 512, 8192, 64, 16, "decode",
                               providers=("dense", "naive", "gather", "torch")))
@@ -117,6 +123,9 @@ def preset_default(device: str) -> list:
                               mode=mode, providers=fast))
     cases.append(Case(4096, 2048, 8192, 64, 16, "forward", dtype="float32", activation="gelu",
                       providers=fast))
+    for mode in ("forward", "forward+backward"):
+        cases.append(Case(**{**ACCEPTANCE, "dtype": "bfloat16"}, mode=mode,
+                          providers=("triton",) + SELECTION_PROVIDERS[1:], tag="selection"))
     return cases
 
 

@@ -193,6 +193,61 @@ register(_sfnn_backend("cuda", runs_on=lambda case: case.mode == "decode",
                            "decode only"))
 
 
+def selection_build(pb: Problem, method: str) -> tuple:
+    """``sfnn.sparse_ffn(..., selection=method)`` (backend "auto") on the problem's weights: a
+    Switch-initialised router (switch, moe; its balancing loss is added in training modes), a
+    50,257-id balanced hash table and random token ids (hash), a fixed seed (random). Its output
+    differs from Avg-K's, so the row is not checked against the Avg-K reference."""
+    import math
+
+    import sfnn
+
+    c = pb.case
+    training = c.mode != "decode"
+    kw = {"selection": method}
+    params = pb.sparse_params()
+    if method in ("switch", "moe"):
+        std = math.sqrt(0.1 / c.d_model)
+        gen = torch.Generator().manual_seed(5)
+        router = (torch.randn(c.n_blocks, c.d_model, generator=gen) * std).to(
+            device=pb.device, dtype=pb.x.dtype).requires_grad_(training)
+        kw["router_weight"] = router
+        params = params + [router]
+    if method == "hash":
+        gen = torch.Generator().manual_seed(6)
+        kw["hash_table"] = sfnn.balanced_hash_table(50257, c.n_blocks, c.top_k).to(pb.device)
+        kw["token_ids"] = torch.randint(0, 50257, (c.tokens,), generator=gen).to(pb.device)
+    if method == "random":
+        kw["seed"] = 7
+    if c.mode == "decode" and method == "avgk":
+        kw["means_cache"] = sfnn.BlockMeansCache()
+
+    def sparse(x):
+        y, sel = sfnn.sparse_ffn(x, pb.keys, pb.values, block_size=c.block_size, top_k=c.top_k,
+                                 key_bias=pb.key_bias, out_bias=pb.out_bias,
+                                 activation=c.activation, return_selection=True, **kw)
+        if training and sel.gates is not None:
+            return y + 0 * sel.aux_loss  # the balancing loss's backward is timed too
+        return y
+
+    return sparse, params
+
+
+def _selection(method: str, marker: str) -> Provider:
+    return Provider(name=method, build=lambda pb: selection_build(pb, method), checked=False,
+                    unavailable=lambda device: sfnn_unavailable("torch", device),
+                    style={"ls": "--", "marker": marker},
+                    doc=f'`sfnn.sparse_ffn(..., selection="{method}")` (backend "auto"): the '
+                        f"selection cost of the paper's {method} method beside Avg-K's; not "
+                        "checked (its output is not Avg-K's)")
+
+
+register(_selection("switch", "P"))
+register(_selection("moe", "X"))
+register(_selection("hash", "*"))
+register(_selection("random", "h"))
+
+
 def provider_reasons(device: str) -> dict:
     """Provider name -> None when it can run on ``device``, else the reason it cannot."""
     return {name: p.unavailable(device) for name, p in PROVIDERS.items()}
