@@ -32,6 +32,8 @@ import functools
 
 import torch
 
+from . import _build
+
 Tensor = torch.Tensor
 
 BUILD_COMMAND = "SFNN_BUILD_CUDA=1 pip install --no-build-isolation -e ."
@@ -47,8 +49,9 @@ def _load() -> str | None:
     try:
         from . import _C  # noqa: F401  (loading the library registers the ops)
     except ImportError as err:
-        return (f"the CUDA extension sfnn._C is not built ({err}); build it on a machine with a "
-                f"CUDA build of torch and nvcc with `{BUILD_COMMAND}`")
+        why = _build.recorded_reason()  # setup.py's reason for skipping it, if recorded
+        return (f"the CUDA extension sfnn._C is not built ({f'setup.py: {why}' if why else err}); "
+                f"build it on a machine with a CUDA build of torch and nvcc with `{BUILD_COMMAND}`")
     except OSError as err:  # present but unloadable (ABI/CUDA mismatch)
         return (f"the CUDA extension sfnn._C failed to load ({err}); rebuild it against the "
                 f"installed torch with `{BUILD_COMMAND}`")
@@ -68,6 +71,35 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the CUDA extension cannot be used, and how to build it ("" when it can)."""
     return _load() or ""
+
+
+def supports_device(device: torch.device | str | int) -> bool:
+    """True when the extension's kernels can run on ``device``: a CUDA GPU whose compute
+    capability has machine code in it or takes its PTX (``sfnn._build.runs_on``: today 8.x, 9.0
+    and later). False for other devices. Says nothing of whether the extension is built."""
+    return device_unsupported_reason(device) is None
+
+
+def device_unsupported_reason(device: torch.device | str | int) -> str | None:
+    """None when the extension's kernels can run on ``device`` (see :func:`supports_device`),
+    else why not."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the CUDA extension runs on CUDA GPUs only (got device {device})"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    cap = _capability(index)
+    if _build.runs_on(cap):
+        return None
+    targets = ", ".join(f"sm_{a}" for a in _build.SASS_ARCHS)
+    return (f"the CUDA extension sfnn._C holds machine code for {targets} and PTX for "
+            f"compute_{_build.PTX_ARCH}, none of which runs on {device} (compute capability "
+            f"{cap[0]}.{cap[1]}); use backend='triton' or 'torch'")
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: read while tracing, a constant
+def _capability(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor
 
 
 def _require() -> None:

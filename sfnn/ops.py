@@ -156,7 +156,7 @@ def backend_unavailable_reason(backend: str, device: torch.device,
     if device.type != "cuda":
         return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
     ext = _cuda_ext()
-    return None if ext.available() else ext.unavailable_reason()
+    return ext.device_unsupported_reason(device) if ext.available() else ext.unavailable_reason()
 
 
 def has_gated(backend: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ import pytest
 import torch
 
 import sfnn.cuda_ext
+from sfnn import _build
 from sfnn.reference import block_ffn_ref, block_scores_ref, select_blocks_ref
 from sfnn.testing import TOLERANCES, assert_close
 
@@ -49,19 +49,9 @@ ACT_TAG = {"relu": 0, "gelu": 1, "silu": 2}
 
 
 def _cuda_home() -> Path | None:
-    if NVCC is None:
-        return None
-    for cand in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda"):
-        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
-            return Path(cand)
-    real = Path(os.path.realpath(NVCC)).parents[1]
-    if (real / "include" / "cuda_runtime.h").exists():
-        return real
-    out = subprocess.run(["sh", "-c", f"sed -n 's/^exec \\(.*\\)nvcc .*/\\1/p' {NVCC}"],
-                         capture_output=True, text=True).stdout.strip()
-    if out and (Path(out).parent / "include" / "cuda_runtime.h").exists():
-        return Path(out).parent
-    return None
+    """A whole CUDA toolkit (nvcc and headers), found as setup.py's probe finds one."""
+    found = _build.find_toolkits(NVCC) if NVCC is not None else []
+    return Path(found[0]) if found else None
 
 
 class _Jobs:
@@ -91,16 +81,14 @@ def jobs(request):
         for cu in CU_FILES:
             for arch in ARCHS:
                 j.start(f"nvcc:{cu.name}:{arch}",
-                        [NVCC, "-c", f"-arch=sm_{arch}", "-O3", "-std=c++17", f"-I{CSRC}",
+                        # the real build's flags (torch's C++ standard and nvcc defines), one arch
+                        [NVCC, "-c", f"-arch=sm_{arch}", *_build.nvcc_flags(), f"-I{CSRC}",
                          "-Xptxas", "-v", str(cu), "-o", str(tmp / f"{cu.stem}_{arch}.o")])
     cuda_home = _cuda_home()
     if GXX is not None and cuda_home is not None:
-        from torch.utils.cpp_extension import include_paths
-
-        incs = [*include_paths(), str(cuda_home / "include"), sysconfig.get_paths()["include"]]
-        for cpp in CPP_FILES:
-            j.start(f"gxx:{cpp.name}", [GXX, "-fsyntax-only", "-std=c++17", f"-I{CSRC}",
-                                        *[f"-I{p}" for p in incs], str(cpp)])
+        for cpp in CPP_FILES:  # the g++ line torch's BuildExtension runs, with -fsyntax-only
+            j.start(f"gxx:{cpp.name}", _build.torch_cxx_command(
+                str(cpp), [str(CSRC), str(cuda_home / "include")]))
     if GXX is not None:
         sources = [EMU / "decode_emu.cpp", EMU / "emu.h", *CU_FILES, *CSRC.glob("*.h")]
         digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
