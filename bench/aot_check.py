@@ -1,19 +1,23 @@
 """Compile every Triton kernel config ahead of time for sm_80 and sm_90, without a GPU.
 
-Finds every module of ``sfnn.triton_kernels`` that defines ``aot_specs()``, compiles each
-:class:`AOTSpec` with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``,
-and reads from each cubin, with the ``cuobjdump`` shipped in the triton wheel, the registers and
-the stack/local bytes (spills); shared memory comes from the compile metadata and is checked
-against the arch's per-block limit. Specs marked ``is_gemm`` must show ``HGMMA`` (Hopper's
-warpgroup MMA) in their sm_90 SASS. Prints a table, then exactly one summary line::
+Takes every spec of ``sfnn.triton_kernels._aot.specs()`` (signatures derived from the kernels'
+own parameter lists), compiles each with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, and reads from each
+cubin, with the ``cuobjdump`` shipped in the triton wheel, the registers and the stack/local
+bytes (spills); shared memory comes from the compile metadata and is checked against the arch's
+per-block limit. Specs marked ``is_gemm`` must show ``HGMMA`` (Hopper's warpgroup MMA) in their
+sm_90 SASS. Prints a table, then the 128-row block-FFN configs in bf16 at block sizes 64 and 128
+(registers, shared memory and resident CTAs per SM on each arch), then exactly one summary
+line::
 
     aot: N kernel configs compiled for sm_80 and sm_90; spills: S; hgmma: H/G gemm kernels
 
 and exits 1 if any compile fails, any config spills or exceeds shared memory, or a gemm config
 lacks HGMMA on sm_90. Compilation hints mimic what the JIT specialises on real tensors: every
-pointer is 16-byte aligned, and integer arguments named ``stride_*`` or ``d_model`` are
-multiples of 16. Works with triton 3.6 and 3.9 (ASTSource's ``constexprs``/``attrs`` arguments;
-older releases took ``constants`` keyed by index, handled best-effort).
+pointer is 16-byte aligned, and integer arguments named ``stride_*``, ``d_model`` or ``slice_d``
+(a multiple of the widest BLOCK_D) are multiples of 16. Works with triton 3.6 and 3.9
+(ASTSource's ``constexprs``/``attrs`` arguments; older releases took ``constants`` keyed by
+index, handled best-effort).
 
 Usage: python bench/aot_check.py [--jobs N] [--filter SUBSTR] [--archs 80,90] [--fresh-cache]
 """
@@ -21,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import importlib
 import inspect
 import multiprocessing as mp
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -35,22 +37,46 @@ import traceback
 
 # Per-block shared memory limits (opt-in maximum), bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-HINTED_INTS = re.compile(r"^(stride_.*|d_model)$")
+# Per-SM resources for the occupancy column: shared memory (bytes; 1 KB reserved per block),
+# 64K registers (allocated per warp in units of 256), 2048 threads, 32 blocks.
+SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+HINTED_INTS = re.compile(r"^(stride_.*|d_model|slice_d)$")
 
 _SPECS: list = []  # filled before the worker pool forks
 
 
 def _discover_specs(name_filter: str | None) -> list:
-    import sfnn.triton_kernels as pkg
+    from sfnn.triton_kernels import _aot
 
-    specs = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if hasattr(module, "aot_specs"):
-            for spec in module.aot_specs():
-                if name_filter is None or name_filter in spec.name:
-                    specs.append(spec)
-    return specs
+    return [s for s in _aot.specs() if name_filter is None or name_filter in s.name]
+
+
+def ctas_per_sm(regs: int, smem: int, num_warps: int, arch: int) -> int:
+    """Resident CTAs per SM that registers, shared memory and threads allow."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_smem = SMEM_PER_SM.get(arch, SMEM_PER_SM[80]) // (smem + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // (32 * num_warps), 32))
+
+
+def occupancy_report(rows: list, specs: list) -> list:
+    """Lines of the 128-row bf16 block-FFN configs at block sizes 64 and 128."""
+    by_key = {(r["idx"], r["arch"]): r for r in rows if r["ok"]}
+    lines = ["128-row bf16 block-FFN configs at g=64 and g=128 "
+             "(regs / shared bytes / CTAs per SM):",
+             f"{'kernel config':<72} {'sm_80':>22} {'sm_90':>22}"]
+    for i, spec in enumerate(specs):
+        if not (spec.kernel_name.startswith("block_ffn") and spec.dtype == "bf16"
+                and spec.rows >= 128 and spec.block_size in (64, 128)):
+            continue
+        cells = []
+        for arch in (80, 90):
+            r = by_key.get((i, arch))
+            cells.append("-" if r is None else
+                         f"{r['regs']} / {r['smem']} / "
+                         f"{ctas_per_sm(r['regs'], r['smem'], spec.num_warps, arch)}")
+        lines.append(f"{spec.name:<72} {cells[0]:>22} {cells[1]:>22}")
+    return lines
 
 
 def _make_source(kernel, signature: dict, constexprs: dict, attrs: dict):
@@ -154,7 +180,7 @@ def main(argv=None) -> int:
     jobs = [(i, arch) for i in range(len(_SPECS)) for arch in archs]
     print(f"triton {triton.__version__}: {len(_SPECS)} specs x {len(archs)} archs, "
           f"{args.jobs} jobs", flush=True)
-    header = (f"{'kernel config':<64} {'sm':>3} {'regs':>5} {'spill':>6} {'smem':>7} "
+    header = (f"{'kernel config':<72} {'sm':>3} {'regs':>5} {'spill':>6} {'smem':>7} "
               f"{'mma':>10} {'s':>5}")
     print(header)
     print("-" * len(header), flush=True)
@@ -165,7 +191,7 @@ def main(argv=None) -> int:
         rows.append(row)
         if not row["ok"]:
             counts["failures"] += 1
-            print(f"{row['name']:<64} {row['arch']:>3} FAILED: {row['error'][:300]}", flush=True)
+            print(f"{row['name']:<72} {row['arch']:>3} FAILED: {row['error'][:300]}", flush=True)
             print(row["trace"], file=sys.stderr)
             return
         counts["spills"] += row["spill"] > 0
@@ -175,7 +201,7 @@ def main(argv=None) -> int:
         if row["is_gemm"]:
             mma = f"HGMMA:{row['hgmma']}" if row["hgmma"] else f"HMMA:{row['hmma']}"
         flags = (" SPILL" if row["spill"] else "") + (" SMEM>LIMIT" if over else "")
-        print(f"{row['name']:<64} {row['arch']:>3} {row['regs']:>5} {row['spill']:>6} "
+        print(f"{row['name']:<72} {row['arch']:>3} {row['regs']:>5} {row['spill']:>6} "
               f"{row['smem']:>7} {mma:>10} {row['secs']:>5.1f}{flags}", flush=True)
 
     if args.jobs > 1:
@@ -187,6 +213,8 @@ def main(argv=None) -> int:
             report(_compile_one(job))
     failures, spills, smem_over = counts["failures"], counts["spills"], counts["smem_over"]
 
+    for line in occupancy_report(rows, _SPECS):
+        print(line)
     gemm_rows = [r for r in rows if r["is_gemm"] and r["arch"] == 90]
     hgmma_ok = sum(1 for r in gemm_rows if r["ok"] and r["hgmma"] > 0)
     missing = [r["name"] for r in gemm_rows if r["ok"] and r["hgmma"] == 0]

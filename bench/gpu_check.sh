@@ -3,22 +3,27 @@
 #
 #   bash bench/gpu_check.sh OUTDIR [--dry-run]
 #
-# Steps (each logged, none stops the others):
+# Steps (each logged, none stops the others; every step's output goes to OUTDIR/steps.log):
 #   1. environment: GPU, driver, python, torch (+ its CUDA), triton, nvcc
 #   2. install: pip install --no-deps --no-build-isolation -e . (SFNN_BUILD_CUDA=0), then try the
 #      CUDA extension in place (SFNN_BUILD_CUDA=1 setup.py build_ext --inplace); a failed
 #      extension build is logged and tolerated
-#   3. python bench/aot_check.py                    -> OUTDIR/aot_check.log
-#   4. python -m pytest tests -x -q (CUDA tensors)  -> OUTDIR/pytest.log
-#   5. python bench/sweep.py --device cuda          -> OUTDIR/sweep.{log,csv,md}, 2 PNG plots
-# OUTDIR ends up with at most 8 plain files, no subfolders: gpu_check.log, aot_check.log,
-# pytest.log, sweep.log, sweep.csv, sweep.md, speedup_vs_density.png, speedup_vs_block_size.png.
+#   3. python bench/aot_check.py --archs 90         (CI compiles sm_80 as well)
+#   4. python -m pytest tests -x -q (CUDA tensors)
+#   5. python bench/gpu_probe.py                    -> OUTDIR/gpu_probe.{csv,md}: fp32 atomics
+#      into L2 and HBM, dense cuBLAS, every phase of the layer under both combine schedules
+#   6. python bench/sweep.py --device cuda          -> OUTDIR/sweep.{csv,md}, 2 PNG plots
+# OUTDIR ends up with at most 8 plain files, no subfolders (the device tool returns 8):
+# gpu_check.log, steps.log, gpu_probe.csv, gpu_probe.md, sweep.csv, sweep.md,
+# speedup_vs_density.png, speedup_vs_block_size.png.
 #
-# --dry-run runs the CPU-side steps here (environment, the smoke sweep on the CPU, the output
-# files) and skips install, AOT, tests and the GPU sweep.
+# --dry-run runs the CPU-side steps here (environment, the probe's dry run and the smoke sweep
+# on the CPU, the output files) and skips install, AOT, tests and the GPU runs.
 #
-# Time limits (seconds) can be overridden: GPU_CHECK_BUILD_S (CUDA extension, default 100),
-# GPU_CHECK_AOT_S (80), GPU_CHECK_TEST_S (120), GPU_CHECK_SWEEP_S (130); SWEEP_PRESET (default);
+# Time limits (seconds) can be overridden: GPU_CHECK_BUILD_S (CUDA extension, default 75),
+# GPU_CHECK_AOT_S (70), GPU_CHECK_TEST_S (100), GPU_CHECK_PROBE_S (110), GPU_CHECK_SWEEP_S (95);
+# their sum plus install and environment stays under 8 minutes. The probe and the sweep stop
+# starting work 25-30 s before their limits (shapes are cut, not steps). SWEEP_PRESET (default);
 # PYTHON (python). Exit status: 0 when every step that ran passed (the extension build excepted).
 set -u -o pipefail
 
@@ -35,13 +40,16 @@ cd "$ROOT" || exit 2
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check.log
+STEPS=$OUT/steps.log
 : > "$LOG"
+: > "$STEPS"
 PY=${PYTHON:-python}
 command -v "$PY" > /dev/null 2>&1 || PY=python3
-BUILD_S=${GPU_CHECK_BUILD_S:-100}
-AOT_S=${GPU_CHECK_AOT_S:-80}
-TEST_S=${GPU_CHECK_TEST_S:-120}
-SWEEP_S=${GPU_CHECK_SWEEP_S:-130}
+BUILD_S=${GPU_CHECK_BUILD_S:-75}
+AOT_S=${GPU_CHECK_AOT_S:-70}
+TEST_S=${GPU_CHECK_TEST_S:-100}
+PROBE_S=${GPU_CHECK_PROBE_S:-110}
+SWEEP_S=${GPU_CHECK_SWEEP_S:-95}
 PRESET=${SWEEP_PRESET:-default}
 T0=$(date +%s)
 FAILED=()
@@ -55,6 +63,7 @@ step() {
     log "$name: $*"
     local start rc
     start=$(date +%s)
+    [ "$file" != "$LOG" ] && echo "===== $name: $* =====" >> "$file"
     timeout --kill-after=10 "$limit" "$@" >> "$file" 2>&1
     rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
@@ -115,7 +124,8 @@ sed -n '/== environment ==/,$p' "$LOG" | grep -E "^(torch|triton|gpu [0-9]|nvcc|
 if [ $DRY -eq 1 ]; then
     log "dry run: skipping install ($PY -m pip install --no-deps --no-build-isolation -e .),"
     log "dry run: the CUDA extension build, bench/aot_check.py and the test suite"
-    step sweep "$OUT/sweep.log" 300 "$PY" bench/sweep.py --preset smoke --device cpu \
+    step probe "$STEPS" 400 "$PY" bench/gpu_probe.py --out "$OUT" --dry-run || FAILED+=(probe)
+    step sweep "$STEPS" 300 "$PY" bench/sweep.py --preset smoke --device cpu \
         --threads 1 --out "$OUT" || FAILED+=(sweep)
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
@@ -133,29 +143,33 @@ else
     "$PY" -c "import sfnn.cuda_ext as c; print('sfnn.cuda_ext.available():', c.available())" \
         >> "$LOG" 2>&1 || true
     if [ -f bench/aot_check.py ]; then
-        step aot "$OUT/aot_check.log" "$AOT_S" "$PY" bench/aot_check.py || FAILED+=(aot)
+        step aot "$STEPS" "$AOT_S" "$PY" bench/aot_check.py --archs 90 || FAILED+=(aot)
     else
         log "aot: bench/aot_check.py missing" && FAILED+=(aot)
     fi
-    step pytest "$OUT/pytest.log" "$TEST_S" "$PY" -m pytest tests -x -q \
+    step pytest "$STEPS" "$TEST_S" "$PY" -m pytest tests -x -q \
         --ignore=tests/test_bench.py -p no:cacheprovider || FAILED+=(pytest)
-    # The sweep stops starting cases a little before its time limit and still writes its files.
+    # The probe and the sweep stop starting work a little before their time limits and still
+    # write their files.
+    step probe "$STEPS" "$PROBE_S" "$PY" bench/gpu_probe.py --out "$OUT" \
+        --max-seconds $(( PROBE_S - 30 )) || FAILED+=(probe)
     MAXMIN=$(awk "BEGIN { print ($SWEEP_S - 25) / 60 }")
-    step sweep "$OUT/sweep.log" "$SWEEP_S" "$PY" bench/sweep.py --preset "$PRESET" \
+    step sweep "$STEPS" "$SWEEP_S" "$PY" bench/sweep.py --preset "$PRESET" \
         --device cuda --out "$OUT" --max-minutes "$MAXMIN" || FAILED+=(sweep)
 fi
 
 # The device tool fetches at most 8 plain files, at most 2 folders deep: check before leaving.
 NFILES=$(find "$OUT" -type f | wc -l)
 NDIRS=$(find "$OUT" -mindepth 1 -type d | wc -l)
-for f in sweep.csv sweep.md speedup_vs_density.png speedup_vs_block_size.png; do
+for f in sweep.csv sweep.md speedup_vs_density.png speedup_vs_block_size.png gpu_probe.csv \
+        gpu_probe.md; do
     [ -s "$OUT/$f" ] || { log "missing output: $f"; FAILED+=("output:$f"); }
 done
 if [ "$NFILES" -gt 8 ] || [ "$NDIRS" -gt 0 ]; then
     log "OUTDIR holds $NFILES files and $NDIRS folders (limit 8 files, none nested)"
     FAILED+=(outdir)
 fi
-grep -E "^(ACCEPTANCE|forward|ceilings|[0-9]+ rows)" "$OUT/sweep.log" 2>/dev/null | \
+grep -E "^(ACCEPTANCE|forward|ceilings|[0-9]+ rows|\[gpu_probe)" "$STEPS" 2>/dev/null | \
     sed 's/^/    /' | tee -a "$LOG"
 log "files: $(cd "$OUT" && ls | tr '\n' ' ')"
 if [ ${#FAILED[@]} -eq 0 ]; then

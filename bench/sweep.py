@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Throughput sweep of sfnn's block-sparse FFN against the dense FFN it replaces.
 
-    python bench/sweep.py [--preset default|quick|smoke|full] [--out DIR] [--device cpu|cuda]
+    python bench/sweep.py [--preset default|quick|smoke|full|decode|gated] [--out DIR]
+                          [--device cpu|cuda] [--contention N]
+    python bench/sweep.py --model     # the per-phase GPU cost model of the Triton kernels
 
 Each *case* is one problem (tokens, d_model, d_ff, block_size, top_k, dtype, activation, mode);
 each *provider* is one way to compute it:
@@ -13,6 +15,9 @@ each *provider* is one way to compute it:
 - ``torch`` / ``triton`` / ``cuda``: ``sfnn.sparse_ffn(..., backend=...)`` (each only where it
   can run: triton on CUDA tensors, cuda when ``sfnn.cuda_ext.available()`` and only in decode,
   as the extension is forward-only).
+
+Gated cases (``--preset gated``, issue 11) compute ``down(act(gate(x)) * up(x))``: ``dense`` is
+then the dense gated FFN and the sfnn providers get ``gate_keys=``/``gate_bias=``.
 
 Modes: ``forward`` (a training forward: parameters and x require grad), ``backward`` (the
 backward of one such forward, repeated with ``retain_graph``), ``forward+backward``, and
@@ -38,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sweeplib.cases import ACCEPTANCE, ELEMENT_SIZE, MODES, PRESETS, Case, grid, top_k_for  # noqa: E402,F401,I001
 from sweeplib.cases import preset_default, preset_full, preset_quick, preset_smoke  # noqa: E402,F401
-from sweeplib.cost import cost_model  # noqa: E402,F401
+from sweeplib.cost import cost_model, floors  # noqa: E402,F401
 from sweeplib.measure import Ceilings, measure_ceilings, time_cpu, time_cuda  # noqa: E402,F401
 from sweeplib.providers import PROVIDERS, Problem, Provider, make_runner, register  # noqa: E402,F401
 from sweeplib.report import FIELDS, acceptance_summary, write_csv, write_markdown  # noqa: E402,F401
@@ -47,7 +52,8 @@ from sweeplib.runner import run_case, run_sweep  # noqa: E402,F401
 # The CPU presets promise a wall time (default <= 4 min, quick < 2 min on 2 cores): a slow path
 # or a busy machine drops the tail cases, with a note, rather than overrunning.
 CPU_MAX_MINUTES = {"default": 3.5, "quick": 1.75}
-BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0}
+BUDGET_S = {"smoke": 0.05, "quick": 2.0, "default": 4.0, "full": 2.0, "decode": 2.0,
+            "gated": 4.0}
 
 
 def main(argv=None) -> int:
@@ -67,7 +73,18 @@ def main(argv=None) -> int:
     ap.add_argument("--ceilings", choices=("measured", "h200"), default="measured")
     ap.add_argument("--providers", default=None,
                     help="comma-separated subset of providers to keep")
+    ap.add_argument("--contention", type=int, default=None, metavar="N",
+                    help="time every case while N CPU-bound processes run (default: each "
+                         "case's own setting, 0 but for the CPU acceptance rows marked so)")
+    ap.add_argument("--model", action="store_true",
+                    help="print the per-phase GPU cost model of the Triton kernels (both combine "
+                         "schedules and the v1 kernels, against dense) and exit")
     args = ap.parse_args(argv)
+    if args.model:
+        from sweeplib.model import report
+
+        print(report())
+        return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -81,6 +98,8 @@ def main(argv=None) -> int:
         keep = set(args.providers.split(","))
         cases = [dataclasses.replace(c, providers=tuple(p for p in c.providers if p in keep))
                  for c in cases]
+    if args.contention is not None:
+        cases = [dataclasses.replace(c, contention=args.contention) for c in cases]
     if args.limit is not None:
         cases = cases[:args.limit]
     for c in cases:

@@ -1,65 +1,101 @@
 // Decoding kernels for the Avg-K block-sparse FFN (1-15 tokens per step): plain CUDA, no torch.
 //
-// Decoding is memory-bound, so every kernel is built around reading each byte of weights once,
-// with 16-byte vector loads, and doing its arithmetic in fp32 from registers. All partial sums are
-// combined in a fixed order: results are bitwise deterministic run to run (no float atomics).
+// Decoding is memory-bound, so the work is built around reading each byte of weights once, with
+// 16-byte vector loads, and doing the arithmetic in fp32 from registers. Partial sums are combined
+// in a fixed order: results are bitwise deterministic run to run (no float atomics), whatever the
+// order in which thread blocks run.
 //
-// (a) sfnn_decode_select: Avg-K scoring + top-K, two kernels.
-//   decode_scores_kernel: one pass over kbar (n_blocks, d_model) fp32 for a tile of up to 16
-//     tokens. A warp owns 2 kbar rows; each lane reads 4 consecutive floats (one 16-byte load) of
-//     both rows per step and FMAs them against the same 4 columns of the 16 tokens (x stays in
-//     L1), keeping 2 x 16 = 32 fp32 partial dot products. A reduce-scatter butterfly (31 shuffles
-//     instead of 32 x 5) leaves lane l with the total of (row l/16, token l%16), which it stores.
-//     When kbar has too few rows to fill the GPU, d_model is cut into S slices (>= 1024 columns
-//     each, blockIdx.y) whose partial scores go to a small fp32 workspace (S, T, n_blocks) and
-//     are summed in slice order by the next kernel: deterministic, and kbar is still read once.
-//   decode_topk_kernel: one CTA (512 threads) per token. Each score becomes a 64-bit key, the
-//     order-preserving bits of the fp32 score above the inverted block index, so keys are
-//     distinct and "larger key" means "larger score, then smaller index" (NaN is made the
-//     canonical quiet NaN, which ranks above +inf as in torch.sort; -0 is made +0). The top_k-th
-//     largest key is found by an MSD radix select, 8 bits per pass: every thread adds its keys
-//     that still match the chosen prefix to a 256-bin shared-memory histogram, then warp 0 finds
-//     the bin holding the k-th key with a warp suffix scan (each lane owns 8 bins) and narrows
-//     the prefix; it stops as soon as that whole bin is taken (usually 3-4 passes, at most 8).
-//     The top_k keys >= the threshold are gathered (smem atomic counter, any order) and each is
-//     written at its rank, counted against the other top_k selected keys: best first, exact.
-// (b) sfnn_decode_ffn: gather-GEMV, two kernels.
-//   decode_ffn_blocks_kernel: one CTA (256 threads, 8 warps) per (slot (t, j), row chunk). The
-//     CTA works only if its slot is the first, in row-major (t, j) order, to name its block, so
-//     each distinct selected block is processed by exactly one CTA per chunk, which gathers the
-//     list of tokens that chose the block (with their summed gates: a block chosen twice counts
-//     twice) and reads the block's key and value rows once for all of them (groups of up to 8
-//     tokens; a block chosen by more than 8 tokens of the step re-reads its rows, from L2).
-//     Phase 1, keys: a warp per row; each lane reads 16 bytes of the key row per step (8 bf16 /
-//     fp16 or 4 fp32) and of each listed token's x row, accumulates one fp32 dot product per
-//     token, and a warp butterfly gives h = gate * act(x . k + b) into shared memory.
-//     Phase 2, values: a thread per 16-byte column vector of the value rows, looping over the
-//     chunk's rows, accumulating gate * h * v for each listed token in fp32 registers
-//     (8 tokens x 8 columns). Rows are split into chunks only when the step has too few slots
-//     to fill the GPU (decoding one token: top_k slots for ~132 SMs).
-//   decode_ffn_combine_kernel: each (token, block, chunk) partial output is written to an fp32
-//     workspace row at the token's first slot naming the block; this kernel sums, per token and
-//     4-column vector, the partials (warp w takes slots w, w+8, ..., each over its chunks; the
-//     8 warp sums are added in warp order), adds out_bias, and casts to the input dtype.
-//     The partials cost top_k * chunks * d_model * 8 bytes per token (written and read back, in
-//     L2 at decode sizes), a few percent of the weight bytes.
+// One kernel, decode_kernel, runs every call (select, ffn, or the whole step) in one launch. Its
+// thread blocks take a ticket (an atomic counter) when they start and play the phase the ticket
+// falls in, in this order:
+//   S  scoring     x . kbar for a tile of 16 tokens, a slice of d_model, 16 kbar rows
+//   K  top-K       one token's top_k blocks from its scores
+//   F  block FFN   one (slot, row chunk): the selected block's key and value rows, once
+//   C  combine     one (token, 128 columns) of y
+// A phase that needs the previous one's results waits, in one thread, until the previous
+// phase's "done" counter reaches its number of thread blocks (a release/acquire handshake:
+// __threadfence before each arrival, after the wait). Tickets are handed out in the order thread
+// blocks start, so a block only ever waits for blocks that started before it: these are
+// resident or finished, and the wait cannot deadlock however many blocks the GPU holds at once.
+// Results that another block wrote during the launch are read with __ldcg (L2, never a stale L1
+// line or the read-only cache); the inputs are read through __ldg. The first 16 bytes of the
+// workspace hold the counters; the launcher zeroes them with cudaMemsetAsync before the launch.
+// A call is one memset and one kernel launch, so it can be captured in a CUDA graph.
+//
+// S: a warp owns 2 kbar rows; each lane reads 4 consecutive elements of both rows per step (16
+//   bytes of fp32, 8 of bf16: kbar may be cached in bf16) and FMAs them against the same columns
+//   of up to 16 tokens (x stays in L1), keeping 2 x 16 = 32 fp32 partial dot products. A reduce-scatter
+//   butterfly (31 shuffles instead of 32 x 5) leaves lane l with the total of (row l/16, token
+//   l%16). When kbar has too few rows to fill the GPU, d_model is cut into slices (>= 1024
+//   columns each) whose partial scores go to an fp32 workspace (slices, T, n_blocks), summed in
+//   slice order by K: deterministic, and kbar is still read once.
+// K: each score becomes a 64-bit key, the order-preserving bits of the fp32 score above the
+//   inverted block index, so keys are distinct and "larger key" means "larger score, then
+//   smaller index" (NaN is made the canonical quiet NaN, which ranks above +inf as in
+//   torch.sort; -0 is made +0). The top_k-th largest key is found by an MSD radix select, 8 bits
+//   per pass: every thread adds its keys that still match the chosen prefix to a 256-bin
+//   shared-memory histogram, then warp 0 finds the bin holding the k-th key with a warp suffix
+//   scan (each lane owns 8 bins) and narrows the prefix; it stops as soon as that whole bin is
+//   taken (usually 3-4 passes, at most 8). The top_k keys >= the threshold are gathered (shared
+//   atomic counter, any order) and each is written at its rank among them: best first, exact.
+// F: one thread block per (slot (t, j), row chunk). It works only if its slot is the first, in
+//   row-major (t, j) order, to name its block, so each distinct selected block is processed by
+//   exactly one block per chunk, which gathers the tokens that chose the block (with their summed
+//   gates: a block chosen twice counts twice) and reads the block's key and value rows once for
+//   all of them (groups of up to 8 tokens; a block chosen by more than 8 tokens re-reads its
+//   rows, from L2). It also marks, for every slot naming its block, whether the slot is its
+//   token's first to do so (a flag C reads instead of comparing indices).
+//   Phase 1, keys: a warp per row; each lane reads 16 bytes of the key row per step and of each
+//   listed token's x row, one fp32 dot product per token; a warp butterfly gives
+//   h = gate * act(x . k + b) into shared memory (gated FFN: the warp then reads the gate row
+//   the same way and h = gate * act(x . kg + bg) * (x . k + b)).
+//   Phase 2, values: a thread per 16-byte column vector of the value rows, looping over the
+//   chunk's rows, accumulating h * v for each listed token in fp32 registers (8 tokens x 8
+//   columns). Each (token, block, chunk) partial row goes to an fp32 workspace row at the token's
+//   first slot naming the block. Rows are split into chunks only when the step has too few slots
+//   to fill the GPU (decoding one token: top_k slots for ~132 SMs).
+// C: lane l of warp w owns columns 4l..4l+3 of a 128-column tile and sums the partials of the
+//   token's flagged slots j = w, w + 8, ... over their chunks (16-byte loads; scalar loads for a
+//   last vector that would cross d_model, so padding is never read); the 8 warp sums are added
+//   in warp order, out_bias is added, and the result is cast to the input dtype. The partials
+//   cost top_k * chunks * d_model * 8 bytes per token (written and read back, in L2 at decode
+//   sizes), a few percent of the weight bytes.
 // Vector loads need 16-byte aligned base pointers and row strides that are a multiple of the
-// vector width; otherwise the launcher picks the scalar instantiation (VEC = 1) of the same
-// kernels. A d_model that is not a multiple of the vector width (with aligned strides) is
-// finished by a scalar tail loop. Offsets that multiply a stride are int64.
+// vector width; otherwise the launcher picks the scalar instantiation (VEC = false) of the
+// kernel. A d_model that is not a multiple of the vector width is finished by scalar tail loops.
+// Offsets that multiply a stride are int64.
+//
+// The emulator seam: every launch goes through SFNN_LAUNCH and the kernel's shared memory is one
+// dynamic buffer declared with SFNN_DYNAMIC_SMEM (no static __shared__). The CPU emulator the
+// tests use (tests/cuda_emu/) defines both before including this file; the real build takes the
+// definitions below.
 
 #include "decode.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdarg>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+
+#ifndef SFNN_LAUNCH
+// SFNN_LAUNCH(kernel, grid, block, smem_bytes, stream)(args...) launches kernel (a __global__
+// function or a pointer to one).
+#define SFNN_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+#ifndef SFNN_DYNAMIC_SMEM
+// The kernel's dynamic shared memory as `type name[]`, 16-byte aligned.
+#define SFNN_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 namespace {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
 
 // ---------------------------------------------------------------------------------------------
 // Element conversions and vector loads.
@@ -108,13 +144,24 @@ __device__ __forceinline__ void unpack_words(const uint32_t (&w)[NWORDS], float 
   }
 }
 
-// VEC consecutive elements at p (aligned to VEC * sizeof(T) bytes) as floats, through the
-// read-only data cache. 16-, 8- and 4-byte vectors; VEC == 1 is a scalar load.
+// VEC consecutive elements at p as floats, through the read-only data cache (inputs only).
+// 4-, 8- and 16-byte vectors need p aligned to their size; 32 bytes are two 16-byte loads (p
+// 16-byte aligned); VEC == 1 is a scalar load.
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   constexpr int kBytes = VEC * static_cast<int>(sizeof(T));
   if constexpr (VEC == 1) {
     out[0] = to_float(__ldg(p));
+  } else if constexpr (kBytes == 32) {
+    constexpr int kHalf = VEC / 2;
+    float lo[kHalf], hi[kHalf];
+    load_vec<T, kHalf>(p, lo);
+    load_vec<T, kHalf>(p + kHalf, hi);
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      out[i] = lo[i];
+      out[kHalf + i] = hi[i];
+    }
   } else if constexpr (kBytes == 16) {
     const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
     const uint32_t w[4] = {r.x, r.y, r.z, r.w};
@@ -124,7 +171,7 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
     const uint32_t w[2] = {r.x, r.y};
     unpack_words<T, VEC, 2>(w, out);
   } else {
-    static_assert(kBytes == 4, "vector loads are 4, 8 or 16 bytes");
+    static_assert(kBytes == 4, "vector loads are 4, 8, 16 or 32 bytes");
     const uint32_t w[1] = {__ldg(reinterpret_cast<const unsigned int*>(p))};
     unpack_words<T, VEC, 1>(w, out);
   }
@@ -159,55 +206,136 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Each lane holds 32 values v[0..31]; afterwards v[0] of lane l is the sum over the warp of
-// v[l]. Recursive halving: at distance k a lane keeps the half of its values whose index bit k
-// equals its own lane bit k and receives the partner's copy of that half: 16+8+4+2+1 shuffles.
+// v[l]. Recursive halving: at distance K a lane keeps the half of its values whose index bit K
+// equals its own lane bit K and receives the partner's copy of that half: 16+8+4+2+1 shuffles.
+// (K is a template parameter so that every index is a constant and v stays in registers.)
+template <int K = 16>
 __device__ __forceinline__ void warp_reduce_scatter32(float (&v)[32], int lane) {
+  const bool upper = (lane & K) != 0;
 #pragma unroll
-  for (int k = 16; k >= 1; k >>= 1) {
-    const bool upper = (lane & k) != 0;
-#pragma unroll
-    for (int i = 0; i < k; ++i) {
-      const float send = upper ? v[i] : v[i + k];
-      const float keep = upper ? v[i + k] : v[i];
-      v[i] = keep + __shfl_xor_sync(kFullMask, send, k);
-    }
+  for (int i = 0; i < K; ++i) {
+    const float send = upper ? v[i] : v[i + K];
+    const float keep = upper ? v[i + K] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFullMask, send, K);
   }
+  if constexpr (K > 1) warp_reduce_scatter32<K / 2>(v, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
-// (a) scoring + top-K
+// Parameters, phases and their handshakes
 
-constexpr int kScoreWarps = 8;
+// Everything a launch needs, passed by value. Pointers of the call's dtype are typed in the
+// kernel; idx is the caller's indices (read only) in ffn mode and the output of K otherwise.
+struct Params {
+  const void* x;
+  int64_t x_stride;
+  const void* kbar;
+  int64_t kbar_stride;
+  int kbar_bf16;  // kbar is bfloat16 (else float32)
+  const float* bbar;
+  const void* keys;
+  int64_t k_stride;
+  const void* values;
+  int64_t v_stride;
+  const void* key_bias;
+  const void* gate_keys;  // gated FFN: the gate table (act applies to it), or nullptr
+  int64_t gk_stride;
+  const void* gate_bias;
+  const void* out_bias;
+  const float* gates;
+  int64_t gate_stride;
+  int32_t* idx;
+  int64_t idx_stride;
+  void* y;
+  int64_t y_stride;
+  int act;
+  int64_t T, n_blocks, d_model, top_k, block_size;
+  // The plan (see make_plan): S's tiling, F's row chunks, the partials' row length, C's tiles,
+  // and the thread blocks of each phase in ticket order (0: the phase is not part of the call).
+  int64_t row_ctas, n_slices, slice_width;
+  int64_t n_chunks, chunk_rows, ws_ld, col_tiles;
+  int64_t n_score, n_topk, n_ffn, n_combine;
+  // Workspace: counters, S's partial scores (n_slices, T, n_blocks), K's keys (T, n_blocks) and
+  // selection (T, top_k), F's first-slot flags (T, top_k) and partial rows
+  // (T * top_k * n_chunks, ws_ld).
+  unsigned* sync;
+  float* part;
+  unsigned long long* skeys;
+  unsigned long long* sel;
+  int32_t* first;
+  float* ws;
+};
+
+// Counters at the start of the workspace (zeroed before each launch).
+enum SyncWord : int { kTicket = 0, kDoneScore = 1, kDoneTopk = 2, kDoneFfn = 3, kSyncWords = 4 };
+constexpr size_t kSyncBytes = 256;  // keeps what follows 256-byte aligned
+constexpr size_t kCtrlBytes = 16;   // shared memory: the ticket, then the phase's buffers
+constexpr unsigned kSpinNs = 64;
+
+// This block's results are complete: count it in *counter (release).
+__device__ __forceinline__ void arrive(unsigned* counter) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+  }
+}
+
+// Wait until *counter reaches target (acquire). Every block counted there holds an earlier
+// ticket, so it is running or done.
+__device__ __forceinline__ void wait_for(const unsigned* counter, int64_t target) {
+  if (threadIdx.x == 0 && target > 0) {
+    while (static_cast<int64_t>(*reinterpret_cast<const volatile unsigned*>(counter)) < target) {
+      __nanosleep(kSpinNs);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Indices are an input (ffn mode) or written by K in this launch: read them through L2.
+__device__ __forceinline__ int32_t load_index(const Params& p, int64_t t, int64_t j) {
+  return __ldcg(p.idx + t * p.idx_stride + j);
+}
+
+// ----- S: scores
+
 constexpr int kScoreRows = 2;     // kbar rows per warp
-constexpr int kScoreTokens = 16;  // tokens per tile (grid.z)
-constexpr int kScoreVec = 4;      // fp32 kbar: 16-byte loads
+constexpr int kScoreTokens = 16;  // tokens per tile
 constexpr int64_t kScoreMinSlice = 1024;
+constexpr int kScoreVec = 4;
+constexpr int64_t kScoreStep = kWarp * kScoreVec;  // slice widths are multiples of it
 static_assert(kScoreRows * kScoreTokens == kWarp, "one reduced value per lane");
 
-template <typename TX, int VEC>
-__global__ void __launch_bounds__(kScoreWarps * kWarp)
-    decode_scores_kernel(const TX* __restrict__ x, int64_t x_stride,
-                         const float* __restrict__ kbar, int64_t kbar_stride, int64_t T,
-                         int64_t n_blocks, int64_t d_model, int64_t slice_width,
-                         float* __restrict__ part) {
+template <typename TX, typename TK, bool VEC>
+__device__ __forceinline__ void score_tile(const Params& p, int64_t job) {
+  // kbar elements per load: 16 bytes of fp32, 8 of bf16 (8 bf16 per load would need more
+  // registers than two blocks per SM leave: the loop is unrolled twice for loads in flight)
+  constexpr int E = VEC ? kScoreVec : 1;
+  const TX* __restrict__ x = static_cast<const TX*>(p.x);
+  const TK* __restrict__ kbar = static_cast<const TK*>(p.kbar);
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
-  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kScoreWarps + warp) * kScoreRows;
-  if (row0 >= n_blocks) return;  // whole warp; this kernel has no block-wide barrier
-  const int64_t t0 = static_cast<int64_t>(blockIdx.z) * kScoreTokens;
-  const int nt = static_cast<int>(T - t0 < kScoreTokens ? T - t0 : kScoreTokens);
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * slice_width;
-  const int64_t c_end = c_begin + slice_width < d_model ? c_begin + slice_width : d_model;
-  const int64_t c_vec_end = c_begin + (c_end - c_begin) / VEC * VEC;
+  const int64_t row_cta = job % p.row_ctas;
+  const int64_t slice = (job / p.row_ctas) % p.n_slices;
+  const int64_t tile = job / (p.row_ctas * p.n_slices);
+  const int64_t n_blocks = p.n_blocks;
+  const int64_t row0 = (row_cta * kWarps + warp) * kScoreRows;
+  if (row0 >= n_blocks) return;  // whole warp; no block-wide barrier until the phase ends
+  const int64_t t0 = tile * kScoreTokens;
+  const int nt = static_cast<int>(p.T - t0 < kScoreTokens ? p.T - t0 : kScoreTokens);
+  const int64_t c_begin = slice * p.slice_width;
+  const int64_t c_end = c_begin + p.slice_width < p.d_model ? c_begin + p.slice_width : p.d_model;
+  const int64_t c_vec_end = c_begin + (c_end - c_begin) / E * E;
 
-  const float* p_k[kScoreRows];
+  const TK* p_k[kScoreRows];
 #pragma unroll
   for (int r = 0; r < kScoreRows; ++r) {
     // A row past the end re-reads the last row; its result is not stored.
     const int64_t row = row0 + r < n_blocks ? row0 + r : n_blocks - 1;
-    p_k[r] = kbar + row * kbar_stride;
+    p_k[r] = kbar + row * p.kbar_stride;
   }
-  const TX* p_x = x + t0 * x_stride;
+  const TX* p_x = x + t0 * p.x_stride;
 
   float acc[kScoreRows][kScoreTokens];
 #pragma unroll
@@ -216,31 +344,31 @@ __global__ void __launch_bounds__(kScoreWarps * kWarp)
     for (int t = 0; t < kScoreTokens; ++t) acc[r][t] = 0.f;
 
 #pragma unroll 2
-  for (int64_t c = c_begin + static_cast<int64_t>(lane) * VEC; c < c_vec_end;
-       c += static_cast<int64_t>(kWarp) * VEC) {
-    float b_k[kScoreRows][VEC];  // [R, VEC]
+  for (int64_t c = c_begin + static_cast<int64_t>(lane) * E; c < c_vec_end;
+       c += static_cast<int64_t>(kWarp) * E) {
+    float b_k[kScoreRows][E];  // [R, E]
 #pragma unroll
-    for (int r = 0; r < kScoreRows; ++r) load_vec<float, VEC>(p_k[r] + c, b_k[r]);
+    for (int r = 0; r < kScoreRows; ++r) load_vec<TK, E>(p_k[r] + c, b_k[r]);
 #pragma unroll
     for (int t = 0; t < kScoreTokens; ++t) {
       if (t < nt) {
-        float b_x[VEC];
-        load_vec<TX, VEC>(p_x + t * x_stride + c, b_x);
+        float b_x[E];
+        load_vec<TX, E>(p_x + t * p.x_stride + c, b_x);
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[r][t] = fmaf(b_k[r][e], b_x[e], acc[r][t]);
+          for (int e = 0; e < E; ++e) acc[r][t] = fmaf(b_k[r][e], b_x[e], acc[r][t]);
       }
     }
   }
   for (int64_t c = c_vec_end + lane; c < c_end; c += kWarp) {
     float b_k[kScoreRows];
 #pragma unroll
-    for (int r = 0; r < kScoreRows; ++r) b_k[r] = __ldg(p_k[r] + c);
+    for (int r = 0; r < kScoreRows; ++r) b_k[r] = to_float(__ldg(p_k[r] + c));
 #pragma unroll
     for (int t = 0; t < kScoreTokens; ++t) {
       if (t < nt) {
-        const float b_x = to_float(p_x[t * x_stride + c]);
+        const float b_x = to_float(__ldg(p_x + t * p.x_stride + c));
 #pragma unroll
         for (int r = 0; r < kScoreRows; ++r) acc[r][t] = fmaf(b_k[r], b_x, acc[r][t]);
       }
@@ -255,12 +383,23 @@ __global__ void __launch_bounds__(kScoreWarps * kWarp)
   warp_reduce_scatter32(v, lane);
   const int r = lane / kScoreTokens;
   const int t = lane % kScoreTokens;
-  if (t < nt && row0 + r < n_blocks) {
-    part[(static_cast<int64_t>(blockIdx.y) * T + t0 + t) * n_blocks + row0 + r] = v[0];
+  if (t < nt && row0 + r < n_blocks) p.part[(slice * p.T + t0 + t) * n_blocks + row0 + r] = v[0];
+}
+
+// kbar's dtype is a runtime switch (uniform over the grid): as a template parameter it would
+// double the kernels to compile, each with its own copy of the other phases.
+template <typename TX, bool VEC>
+__device__ __forceinline__ void score_phase(const Params& p, int64_t job) {
+  if (p.kbar_bf16) {
+    score_tile<TX, __nv_bfloat16, VEC>(p, job);
+  } else {
+    score_tile<TX, float, VEC>(p, job);
   }
 }
 
-constexpr int kTopkThreads = 512;
+// ----- K: top-K
+
+constexpr size_t kTopkSmem = sizeof(unsigned) * (256 + 4);
 
 // Order-preserving key: larger key <=> larger score, then smaller block index.
 __device__ __forceinline__ unsigned long long make_key(float s, int64_t b) {
@@ -272,32 +411,28 @@ __device__ __forceinline__ unsigned long long make_key(float s, int64_t b) {
          static_cast<unsigned long long>(0xffffffffu - static_cast<uint32_t>(b));
 }
 
-// keys (T, n_blocks) and sel (T, top_k) are per-token scratch in global memory: written and read
-// back inside this CTA only (never through the read-only cache).
-__global__ void __launch_bounds__(kTopkThreads)
-    decode_topk_kernel(const float* __restrict__ part, int64_t n_slices,
-                       const float* __restrict__ bbar, int64_t T, int64_t n_blocks,
-                       int64_t top_k, unsigned long long* keys, unsigned long long* sel,
-                       int32_t* __restrict__ out, int64_t out_stride) {
-  __shared__ unsigned int s_hist[256];
-  __shared__ unsigned int s_digit;
-  __shared__ unsigned int s_krem;
-  __shared__ int s_full;
-  __shared__ unsigned int s_count;
-
+// skeys (T, n_blocks) and sel (T, top_k) are per-token scratch in global memory, written and
+// read back inside this block only.
+__device__ __forceinline__ void topk_phase(const Params& p, int64_t t, unsigned char* buf) {
+  unsigned* s_hist = reinterpret_cast<unsigned*>(buf);  // [256]
+  unsigned* s_digit = s_hist + 256;
+  unsigned* s_krem = s_hist + 257;
+  unsigned* s_full = s_hist + 258;
+  unsigned* s_count = s_hist + 259;
   const int tid = threadIdx.x;
   const int lane = tid % kWarp;
   const int warp = tid / kWarp;
-  const int64_t t = blockIdx.x;
-  unsigned long long* p_keys = keys + t * n_blocks;
-  unsigned long long* p_sel = sel + t * top_k;
-  if (tid == 0) s_count = 0;
+  const int64_t n_blocks = p.n_blocks;
+  const int64_t top_k = p.top_k;
+  unsigned long long* p_keys = p.skeys + t * n_blocks;
+  unsigned long long* p_sel = p.sel + t * top_k;
+  if (tid == 0) *s_count = 0;
 
-  // Each thread owns blocks tid, tid + 512, ...: it writes and re-reads only its own keys.
-  for (int64_t b = tid; b < n_blocks; b += kTopkThreads) {
+  // Each thread owns blocks tid, tid + 256, ...: it writes and re-reads only its own keys.
+  for (int64_t b = tid; b < n_blocks; b += kThreads) {
     float s = 0.f;
-    for (int64_t i = 0; i < n_slices; ++i) s += part[(i * T + t) * n_blocks + b];
-    if (bbar != nullptr) s += bbar[b];
+    for (int64_t i = 0; i < p.n_slices; ++i) s += __ldcg(p.part + (i * p.T + t) * n_blocks + b);
+    if (p.bbar != nullptr) s += __ldg(p.bbar + b);
     p_keys[b] = make_key(s, b);
   }
 
@@ -305,10 +440,10 @@ __global__ void __launch_bounds__(kTopkThreads)
   unsigned long long prefix = 0;
   unsigned int k_rem = static_cast<unsigned int>(top_k);
   for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int i = tid; i < 256; i += kTopkThreads) s_hist[i] = 0;
+    for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0;
     __syncthreads();
     const unsigned long long hi_mask = shift == 56 ? 0ull : (~0ull << (shift + 8));
-    for (int64_t b = tid; b < n_blocks; b += kTopkThreads) {
+    for (int64_t b = tid; b < n_blocks; b += kThreads) {
       const unsigned long long k = p_keys[b];
       if ((k & hi_mask) == prefix) atomicAdd(&s_hist[(k >> shift) & 255u], 1u);
     }
@@ -331,97 +466,143 @@ __global__ void __launch_bounds__(kTopkThreads)
 #pragma unroll
       for (int i = 7; i >= 0; --i) {
         if (above < k_rem && k_rem <= above + c[i]) {
-          s_digit = static_cast<unsigned int>(lane * 8 + i);
-          s_krem = k_rem - above;
-          s_full = c[i] == k_rem - above;
+          *s_digit = static_cast<unsigned int>(lane * 8 + i);
+          *s_krem = k_rem - above;
+          *s_full = c[i] == k_rem - above;
         }
         above += c[i];
       }
     }
     __syncthreads();
-    prefix |= static_cast<unsigned long long>(s_digit) << shift;
-    k_rem = s_krem;
-    if (s_full) break;  // the whole bin is taken: the top_k keys are exactly those >= prefix
+    prefix |= static_cast<unsigned long long>(*s_digit) << shift;
+    k_rem = *s_krem;
+    // s_digit / s_krem / s_full are rewritten two barriers later, after every thread read them
+    if (*s_full) break;  // the whole bin is taken: the top_k keys are exactly those >= prefix
   }
 
   // Gather the top_k keys (any order), then write each at its rank.
-  for (int64_t b = tid; b < n_blocks; b += kTopkThreads) {
+  for (int64_t b = tid; b < n_blocks; b += kThreads) {
     const unsigned long long k = p_keys[b];
-    if (k >= prefix) p_sel[atomicAdd(&s_count, 1u)] = k;
+    if (k >= prefix) p_sel[atomicAdd(s_count, 1u)] = k;
   }
   __syncthreads();
-  for (int64_t i = tid; i < top_k; i += kTopkThreads) {
+  for (int64_t i = tid; i < top_k; i += kThreads) {
     const unsigned long long k = p_sel[i];
     int64_t rank = 0;
     for (int64_t j = 0; j < top_k; ++j) rank += p_sel[j] > k;
-    out[t * out_stride + rank] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k));
+    p.idx[t * p.idx_stride + rank] = static_cast<int32_t>(0xffffffffu - static_cast<uint32_t>(k));
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// (b) gather-GEMV
+// ----- F: gather-GEMV over one (slot, row chunk)
 
-constexpr int kFfnThreads = 256;
-constexpr int kFfnWarps = kFfnThreads / kWarp;
 constexpr int kFfnTokens = 8;  // tokens per pass over a block's rows
 constexpr int64_t kFfnMinChunkRows = 8;
 constexpr int64_t kFfnMaxChunkRows = 1024;  // keeps the h buffer <= 32 KiB of shared memory
-constexpr int kCombineThreads = 256;
-constexpr int kCombineWarps = kCombineThreads / kWarp;
-constexpr int kCombineCols = 4 * kWarp;  // columns per combine CTA
+// Value rows in flight per thread in phase 2. Under sm_80's 128-register cap (two blocks per SM
+// for 16-bit inputs) its ptxas spills at 4; sm_90's does not.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kValueUnroll = 2;
+#else
+constexpr int kValueUnroll = 4;
+#endif
+// s_tok, s_slot (int64), s_w (float) per thread and s_wcount per warp, before h.
+constexpr size_t kFfnFixedSmem = (8 + 8 + 4) * kThreads + 4 * kWarps;
+static_assert(kFfnFixedSmem % 16 == 0, "h stays 16-byte aligned");
 
-// minBlocksPerSM: 2 for 16-bit inputs (the decode case) keeps two CTAs (16 warps) per SM for
-// latency hiding, i.e. <= 128 registers; fp32's 8 x 4 accumulators + 16-byte loads need more,
-// so it gets 1. (Without a minimum, ptxas held the scalar instantiations at 64 and spilled.)
-template <typename TX, int VEC>
-__global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
-    decode_ffn_blocks_kernel(const TX* __restrict__ x, int64_t x_stride,
-                             const TX* __restrict__ keys, int64_t k_stride,
-                             const TX* __restrict__ values, int64_t v_stride,
-                             const int32_t* __restrict__ indices, int64_t idx_stride,
-                             const TX* __restrict__ key_bias, const float* __restrict__ gates,
-                             int64_t gate_stride, int act, int64_t T, int64_t top_k,
-                             int64_t n_blocks, int64_t block_size, int64_t d_model,
-                             int64_t chunk_rows, int64_t n_chunks, float* __restrict__ ws,
-                             int64_t ws_ld) {
-  extern __shared__ float s_h[];  // [kFfnTokens, chunk_rows]: gate * act(x . k + b)
-  __shared__ int64_t s_tok[kFfnThreads];
-  __shared__ int64_t s_slot[kFfnThreads];
-  __shared__ float s_w[kFfnThreads];
-  __shared__ int s_wcount[kFfnWarps];
+// Phase 1's dot products: lane q < m gets x[q] . row for the m (<= kFfnTokens) tokens p_x, a
+// warp reading the row once (V-element vectors, then a scalar tail from c_vec_end).
+template <typename TX, int V>
+__device__ __forceinline__ float warp_row_dots(const TX* p_k, const TX* const* p_x, int m,
+                                               int64_t c_vec_end, int64_t d_model, int lane) {
+  float acc[kFfnTokens];
+#pragma unroll
+  for (int q = 0; q < kFfnTokens; ++q) acc[q] = 0.f;
+#pragma unroll 2
+  for (int64_t c = static_cast<int64_t>(lane) * V; c < c_vec_end;
+       c += static_cast<int64_t>(kWarp) * V) {
+    float b_k[V];
+    load_vec<TX, V>(p_k + c, b_k);
+#pragma unroll
+    for (int q = 0; q < kFfnTokens; ++q) {
+      if (q < m) {
+        float b_x[V];
+        load_vec<TX, V>(p_x[q] + c, b_x);
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[q] = fmaf(b_k[e], b_x[e], acc[q]);
+      }
+    }
+  }
+  for (int64_t c = c_vec_end + lane; c < d_model; c += kWarp) {
+    const float b_k = to_float(__ldg(p_k + c));
+#pragma unroll
+    for (int q = 0; q < kFfnTokens; ++q) {
+      if (q < m) acc[q] = fmaf(b_k, to_float(__ldg(p_x[q] + c)), acc[q]);
+    }
+  }
+  float mine = 0.f;
+#pragma unroll
+  for (int q = 0; q < kFfnTokens; ++q) {
+    const float total = warp_sum(acc[q]);
+    if (q == lane) mine = total;
+  }
+  return mine;
+}
+
+template <typename TX, bool VEC>
+__device__ __forceinline__ void ffn_phase(const Params& p, int64_t job, unsigned char* buf) {
+  constexpr int V = VEC ? 16 / static_cast<int>(sizeof(TX)) : 1;
+  const TX* __restrict__ x = static_cast<const TX*>(p.x);
+  const TX* __restrict__ keys = static_cast<const TX*>(p.keys);
+  const TX* __restrict__ values = static_cast<const TX*>(p.values);
+  const TX* __restrict__ key_bias = static_cast<const TX*>(p.key_bias);
+  const TX* __restrict__ gate_keys = static_cast<const TX*>(p.gate_keys);
+  const TX* __restrict__ gate_bias = static_cast<const TX*>(p.gate_bias);
+  int64_t* s_tok = reinterpret_cast<int64_t*>(buf);  // [kThreads]
+  int64_t* s_slot = s_tok + kThreads;                 // [kThreads]
+  float* s_w = reinterpret_cast<float*>(s_slot + kThreads);  // [kThreads]
+  int* s_wcount = reinterpret_cast<int*>(s_w + kThreads);    // [kWarps]
+  float* s_h = reinterpret_cast<float*>(buf + kFfnFixedSmem);  // [kFfnTokens, chunk_rows]
 
   const int tid = threadIdx.x;
   const int lane = tid % kWarp;
   const int warp = tid / kWarp;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) / n_chunks;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) - slot * n_chunks;
-  const int64_t b = indices[(slot / top_k) * idx_stride + slot % top_k];
-  if (b < 0 || b >= n_blocks) return;  // uniform over the CTA
+  const int64_t T = p.T;
+  const int64_t top_k = p.top_k;
+  const int64_t chunk_rows = p.chunk_rows;
+  const int64_t d_model = p.d_model;
+  const int64_t slot = job / p.n_chunks;
+  const int64_t chunk = job - slot * p.n_chunks;
+  const int64_t b = load_index(p, slot / top_k, slot % top_k);
+  if (b < 0 || b >= p.n_blocks) return;  // uniform over the block
 
   // Only the first slot (row-major) that names block b works on it.
   bool earlier = false;
-  for (int64_t e = tid; e < slot; e += kFfnThreads) {
-    earlier |= indices[(e / top_k) * idx_stride + e % top_k] == b;
-  }
+  for (int64_t e = tid; e < slot; e += kThreads) earlier |= load_index(p, e / top_k, e % top_k) == b;
   if (__syncthreads_or(earlier)) return;
 
-  const int64_t row_begin = b * block_size + chunk * chunk_rows;
-  const int64_t rem_rows = block_size - chunk * chunk_rows;
+  const int64_t row_begin = b * p.block_size + chunk * chunk_rows;
+  const int64_t rem_rows = p.block_size - chunk * chunk_rows;
   const int nrows = static_cast<int>(rem_rows < chunk_rows ? rem_rows : chunk_rows);
-  const int64_t c_vec_end = d_model / VEC * VEC;
+  const int64_t c_vec_end = d_model / V * V;
+  float* const ws = p.ws;
+  const int64_t ws_ld = p.ws_ld;
 
-  for (int64_t t_base = 0; t_base < T; t_base += kFfnThreads) {
-    // The tokens of this tile that chose b, in token order, with summed gates and first slot.
+  // T <= SFNN_DECODE_MAX_TOKENS: a 32-bit tile counter (a 64-bit one spills on sm_80).
+  for (int t_base = 0; t_base < static_cast<int>(T); t_base += kThreads) {
+    // The tokens of this tile that chose b, in token order, with summed gates and first slot;
+    // chunk 0 also flags, for each slot naming b, whether it is its token's first.
     const int64_t t = t_base + tid;
     bool chose = false;
     float w = 0.f;
     int64_t first_j = 0;
     if (t < T) {
       for (int64_t j = 0; j < top_k; ++j) {
-        if (indices[t * idx_stride + j] == b) {
+        if (load_index(p, t, j) == b) {
+          if (chunk == 0) p.first[t * top_k + j] = chose ? 0 : 1;
           if (!chose) first_j = j;
           chose = true;
-          w += gates != nullptr ? gates[t * gate_stride + j] : 1.f;
+          w += p.gates != nullptr ? __ldg(p.gates + t * p.gate_stride + j) : 1.f;
         }
       }
     }
@@ -431,7 +612,7 @@ __global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
     int offset = 0;
     int m_tile = 0;
 #pragma unroll
-    for (int i = 0; i < kFfnWarps; ++i) {
+    for (int i = 0; i < kWarps; ++i) {
       offset += i < warp ? s_wcount[i] : 0;
       m_tile += s_wcount[i];
     }
@@ -447,88 +628,75 @@ __global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
       const int m = m_tile - p0 < kFfnTokens ? m_tile - p0 : kFfnTokens;
       const TX* p_x[kFfnTokens];
 #pragma unroll
-      for (int p = 0; p < kFfnTokens; ++p) p_x[p] = x + s_tok[p0 + (p < m ? p : 0)] * x_stride;
+      for (int q = 0; q < kFfnTokens; ++q) p_x[q] = x + s_tok[p0 + (q < m ? q : 0)] * p.x_stride;
 
-      // Phase 1: a warp per key row, h for the m tokens.
-      for (int r = warp; r < nrows; r += kFfnWarps) {
-        const TX* p_k = keys + (row_begin + r) * k_stride;
-        float acc[kFfnTokens];
-#pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p) acc[p] = 0.f;
-#pragma unroll 2
-        for (int64_t c = static_cast<int64_t>(lane) * VEC; c < c_vec_end;
-             c += static_cast<int64_t>(kWarp) * VEC) {
-          float b_k[VEC];
-          load_vec<TX, VEC>(p_k + c, b_k);
-#pragma unroll
-          for (int p = 0; p < kFfnTokens; ++p) {
-            if (p < m) {
-              float b_x[VEC];
-              load_vec<TX, VEC>(p_x[p] + c, b_x);
-#pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[p] = fmaf(b_k[e], b_x[e], acc[p]);
-            }
+      // Phase 1: a warp per key row, h for the m tokens. Gated: a second pass over the same
+      // rows (each lane owns the same h cells) reads the gate rows, h = act(x . kg + bg) *
+      // (x . k + b); two loops keep one set of partial sums live (one loop spills on sm_80).
+      const bool gated = gate_keys != nullptr;
+      for (int r = warp; r < nrows; r += kWarps) {
+        const float up = warp_row_dots<TX, V>(keys + (row_begin + r) * p.k_stride, p_x, m,
+                                              c_vec_end, d_model, lane) +
+                         (key_bias != nullptr ? to_float(__ldg(key_bias + row_begin + r)) : 0.f);
+        if (lane < m) {
+          s_h[lane * chunk_rows + r] = gated ? up : s_w[p0 + lane] * activate(up, p.act);
+        }
+      }
+      if (gated) {
+        for (int r = warp; r < nrows; r += kWarps) {
+          const float pre_g =
+              warp_row_dots<TX, V>(gate_keys + (row_begin + r) * p.gk_stride, p_x, m, c_vec_end,
+                                   d_model, lane) +
+              (gate_bias != nullptr ? to_float(__ldg(gate_bias + row_begin + r)) : 0.f);
+          if (lane < m) {
+            float* const h = s_h + lane * chunk_rows + r;  // this lane's own cell
+            *h = s_w[p0 + lane] * activate(pre_g, p.act) * *h;
           }
         }
-        for (int64_t c = c_vec_end + lane; c < d_model; c += kWarp) {
-          const float b_k = to_float(p_k[c]);
-#pragma unroll
-          for (int p = 0; p < kFfnTokens; ++p) {
-            if (p < m) acc[p] = fmaf(b_k, to_float(p_x[p][c]), acc[p]);
-          }
-        }
-        const float bias = key_bias != nullptr ? to_float(key_bias[row_begin + r]) : 0.f;
-        float mine = 0.f;
-#pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p) {
-          const float total = warp_sum(acc[p]);
-          if (p == lane) mine = total;
-        }
-        if (lane < m) s_h[lane * chunk_rows + r] = s_w[p0 + lane] * activate(mine + bias, act);
       }
       __syncthreads();
 
-      // Phase 2: a thread per column vector, y_partial[p] = sum_r h[p, r] * v_r.
-      for (int64_t c = static_cast<int64_t>(tid) * VEC; c < c_vec_end;
-           c += static_cast<int64_t>(kFfnThreads) * VEC) {
-        float acc[kFfnTokens][VEC];
+      // Phase 2: a thread per column vector, y_partial[q] = sum_r h[q, r] * v_r.
+      for (int64_t c = static_cast<int64_t>(tid) * V; c < c_vec_end;
+           c += static_cast<int64_t>(kThreads) * V) {
+        float acc[kFfnTokens][V];
 #pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p)
+        for (int q = 0; q < kFfnTokens; ++q)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[p][e] = 0.f;
-        const TX* p_v = values + row_begin * v_stride + c;
-#pragma unroll 4
+          for (int e = 0; e < V; ++e) acc[q][e] = 0.f;
+        const TX* p_v = values + row_begin * p.v_stride + c;
+#pragma unroll(kValueUnroll)
         for (int r = 0; r < nrows; ++r) {
-          float b_v[VEC];
-          load_vec<TX, VEC>(p_v + r * v_stride, b_v);
+          float b_v[V];
+          load_vec<TX, V>(p_v + r * p.v_stride, b_v);
 #pragma unroll
-          for (int p = 0; p < kFfnTokens; ++p) {
-            if (p < m) {
-              const float h = s_h[p * chunk_rows + r];
+          for (int q = 0; q < kFfnTokens; ++q) {
+            if (q < m) {
+              const float h = s_h[q * chunk_rows + r];
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[p][e] = fmaf(h, b_v[e], acc[p][e]);
+              for (int e = 0; e < V; ++e) acc[q][e] = fmaf(h, b_v[e], acc[q][e]);
             }
           }
         }
 #pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p) {
-          if (p < m) store_vec<VEC>(ws + (s_slot[p0 + p] * n_chunks + chunk) * ws_ld + c, acc[p]);
+        for (int q = 0; q < kFfnTokens; ++q) {
+          if (q < m) store_vec<V>(ws + (s_slot[p0 + q] * p.n_chunks + chunk) * ws_ld + c, acc[q]);
         }
       }
-      for (int64_t c = c_vec_end + tid; c < d_model; c += kFfnThreads) {
+      for (int64_t c = c_vec_end + tid; c < d_model; c += kThreads) {
         float acc[kFfnTokens];
 #pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p) acc[p] = 0.f;
+        for (int q = 0; q < kFfnTokens; ++q) acc[q] = 0.f;
         for (int r = 0; r < nrows; ++r) {
-          const float b_v = to_float(values[(row_begin + r) * v_stride + c]);
+          const float b_v = to_float(__ldg(values + (row_begin + r) * p.v_stride + c));
 #pragma unroll
-          for (int p = 0; p < kFfnTokens; ++p) {
-            if (p < m) acc[p] = fmaf(s_h[p * chunk_rows + r], b_v, acc[p]);
+          for (int q = 0; q < kFfnTokens; ++q) {
+            if (q < m) acc[q] = fmaf(s_h[q * chunk_rows + r], b_v, acc[q]);
           }
         }
 #pragma unroll
-        for (int p = 0; p < kFfnTokens; ++p) {
-          if (p < m) ws[(s_slot[p0 + p] * n_chunks + chunk) * ws_ld + c] = acc[p];
+        for (int q = 0; q < kFfnTokens; ++q) {
+          if (q < m) ws[(s_slot[p0 + q] * p.n_chunks + chunk) * ws_ld + c] = acc[q];
         }
       }
       __syncthreads();  // s_h is rewritten by the next group
@@ -537,69 +705,120 @@ __global__ void __launch_bounds__(kFfnThreads, sizeof(TX) == 4 ? 1 : 2)
   }
 }
 
-// A CTA per (token, 128 columns): lane l of warp w owns columns 4l..4l+3 of the tile and sums
-// (float4 loads) the partials of slots j = w, w + 8, ... over their chunks; the 8 warps' sums
-// are then added in warp order. Many independent loads per thread, fixed summation order.
+// ----- C: combine
+
+constexpr int kCombineCols = 4 * kWarp;  // columns per combine block
+constexpr size_t kCombineSmem = sizeof(float) * 4 * kThreads;
+
 template <typename TX>
-__global__ void __launch_bounds__(kCombineThreads)
-    decode_ffn_combine_kernel(const float* __restrict__ ws, int64_t ws_ld,
-                              const int32_t* __restrict__ indices, int64_t idx_stride,
-                              const TX* __restrict__ out_bias, int64_t top_k, int64_t n_blocks,
-                              int64_t n_chunks, int64_t d_model, TX* __restrict__ y,
-                              int64_t y_stride) {
-  extern __shared__ unsigned char s_first[];  // [top_k]: slot j is its block's first in the row
-  __shared__ float4 s_part[kCombineWarps][kWarp];
+__device__ __forceinline__ void combine_phase(const Params& p, int64_t job, unsigned char* buf) {
+  float4* s_part = reinterpret_cast<float4*>(buf);  // [kWarps][kWarp]
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
-  const int64_t t = blockIdx.y;
-  const int32_t* p_idx = indices + t * idx_stride;
-  for (int64_t j = threadIdx.x; j < top_k; j += kCombineThreads) {
-    const int32_t b = p_idx[j];
-    bool first = b >= 0 && b < n_blocks;
-    for (int64_t i = 0; first && i < j; ++i) first = p_idx[i] != b;
-    s_first[j] = first;
-  }
-  __syncthreads();
-  // ws rows are padded to ws_ld (a multiple of 4): the float4 of the last columns is in bounds.
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kCombineCols + 4 * lane;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int64_t t = job / p.col_tiles;
+  const int64_t d_model = p.d_model;
+  const int64_t c = (job - t * p.col_tiles) * kCombineCols + 4 * lane;
+  const int64_t ws_ld = p.ws_ld;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
   if (c < d_model) {
-    for (int64_t j = warp; j < top_k; j += kCombineWarps) {
-      if (!s_first[j]) continue;
-      const float* p = ws + (t * top_k + j) * n_chunks * ws_ld + c;
+    const int n = d_model - c < 4 ? static_cast<int>(d_model - c) : 4;  // columns of this lane
+    for (int64_t j = warp; j < p.top_k; j += kWarps) {
+      const int32_t b = load_index(p, t, j);
+      if (b < 0 || b >= p.n_blocks || __ldcg(p.first + t * p.top_k + j) == 0) continue;
+      const float* p_ws = p.ws + (t * p.top_k + j) * p.n_chunks * ws_ld + c;
+      if (n == 4) {
 #pragma unroll 4
-      for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(p + ch * ws_ld));
-        acc.x += v.x;
-        acc.y += v.y;
-        acc.z += v.z;
-        acc.w += v.w;
+        for (int64_t ch = 0; ch < p.n_chunks; ++ch) {
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(p_ws + ch * ws_ld));
+          acc[0] += v.x;
+          acc[1] += v.y;
+          acc[2] += v.z;
+          acc[3] += v.w;
+        }
+      } else {  // the last, partial vector of a row: never read the unwritten padding
+        for (int64_t ch = 0; ch < p.n_chunks; ++ch) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (e < n) acc[e] += __ldcg(p_ws + ch * ws_ld + e);
+          }
+        }
       }
     }
   }
-  s_part[warp][lane] = acc;
+  s_part[warp * kWarp + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   __syncthreads();
   if (warp != 0 || c >= d_model) return;
   float r[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) {
-    const float4 v = s_part[w][lane];
+  for (int w = 0; w < kWarps; ++w) {
+    const float4 v = s_part[w * kWarp + lane];
     r[0] += v.x;
     r[1] += v.y;
     r[2] += v.z;
     r[3] += v.w;
   }
+  const TX* out_bias = static_cast<const TX*>(p.out_bias);
+  TX* y = static_cast<TX*>(p.y);
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     if (c + e < d_model) {
-      const float ob = out_bias != nullptr ? to_float(out_bias[c + e]) : 0.f;
-      y[t * y_stride + c + e] = from_float<TX>(r[e] + ob);
+      const float ob = out_bias != nullptr ? to_float(__ldg(out_bias + c + e)) : 0.f;
+      y[t * p.y_stride + c + e] = from_float<TX>(r[e] + ob);
     }
   }
 }
 
+// ----- the kernel
+
+// minBlocksPerSM: 2 for 16-bit inputs (the decode case) keeps two blocks (16 warps) per SM for
+// latency hiding, i.e. <= 128 registers; fp32's 8 x 4 accumulators + 16-byte loads in F need
+// more, so it gets 1.
+template <typename TX, bool VEC>
+__global__ void __launch_bounds__(kThreads, sizeof(TX) == 4 ? 1 : 2)
+    decode_kernel(const Params p) {
+  SFNN_DYNAMIC_SMEM(unsigned char, smem);
+  unsigned* s_ticket = reinterpret_cast<unsigned*>(smem);
+  unsigned char* buf = smem + kCtrlBytes;
+  if (threadIdx.x == 0) *s_ticket = atomicAdd(p.sync + kTicket, 1u);
+  __syncthreads();
+  int64_t job = *s_ticket;
+  if (job < p.n_score) {
+    score_phase<TX, VEC>(p, job);
+    arrive(p.sync + kDoneScore);
+    return;
+  }
+  job -= p.n_score;
+  if (job < p.n_topk) {
+    wait_for(p.sync + kDoneScore, p.n_score);
+    topk_phase(p, job, buf);
+    arrive(p.sync + kDoneTopk);
+    return;
+  }
+  job -= p.n_topk;
+  if (job < p.n_ffn) {
+    wait_for(p.sync + kDoneTopk, p.n_topk);
+    ffn_phase<TX, VEC>(p, job, buf);
+    arrive(p.sync + kDoneFfn);
+    return;
+  }
+  job -= p.n_ffn;
+  wait_for(p.sync + kDoneFfn, p.n_ffn);
+  combine_phase<TX>(p, job, buf);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
+
+thread_local char g_error[512];
+
+cudaError_t fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+cudaError_t fail(const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, args);
+  va_end(args);
+  return cudaErrorInvalidValue;
+}
 
 int sm_count() {
   static int cache[64] = {0};
@@ -623,149 +842,293 @@ bool aligned(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-struct SelectPlan {
-  int64_t n_slices;
-  int64_t slice_width;
-  size_t part_bytes, keys_bytes, sel_bytes;
-  size_t total() const { return part_bytes + keys_bytes + sel_bytes; }
+constexpr int64_t kMaxGrid = 0x7fffffffLL;
+
+// Thread blocks, workspace layout and shared memory of one call. Phases: S + K (select), F + C
+// (ffn), or all four (step).
+struct Plan {
+  int64_t row_ctas = 0, n_slices = 0, slice_width = 0;
+  int64_t n_chunks = 0, chunk_rows = 0, ws_ld = 0, col_tiles = 0;
+  int64_t n_score = 0, n_topk = 0, n_ffn = 0, n_combine = 0;
+  size_t off_part = 0, off_keys = 0, off_sel = 0, off_first = 0, off_ws = 0, bytes = 0;
+  size_t smem = 0;
+  int64_t ctas() const { return n_score + n_topk + n_ffn + n_combine; }
 };
 
-SelectPlan plan_select(int64_t T, int64_t n_blocks, int64_t d_model, int64_t top_k, int sms) {
-  SelectPlan p{};
-  const int64_t row_ctas = ceil_div(n_blocks, kScoreWarps * kScoreRows);
-  int64_t slices = ceil_div(2 * static_cast<int64_t>(sms), row_ctas);
-  const int64_t max_slices = d_model / kScoreMinSlice > 1 ? d_model / kScoreMinSlice : 1;
-  slices = slices < 1 ? 1 : (slices > max_slices ? max_slices : slices);
-  const int64_t step = static_cast<int64_t>(kWarp) * kScoreVec;
-  p.slice_width = ceil_div(ceil_div(d_model, slices), step) * step;
-  p.n_slices = ceil_div(d_model, p.slice_width);
-  p.part_bytes = align256(sizeof(float) * static_cast<size_t>(p.n_slices * T * n_blocks));
-  p.keys_bytes = align256(sizeof(unsigned long long) * static_cast<size_t>(T * n_blocks));
-  p.sel_bytes = align256(sizeof(unsigned long long) * static_cast<size_t>(T * top_k));
-  return p;
-}
-
-struct FfnPlan {
-  int64_t n_chunks, chunk_rows, ws_ld;
-  size_t ws_bytes;
-};
-
-FfnPlan plan_ffn(int64_t T, int64_t top_k, int64_t block_size, int64_t d_model, int sms) {
-  FfnPlan p{};
-  const int64_t slots = T * top_k;
-  int64_t chunks = slots < sms ? ceil_div(sms, slots) : 1;
-  const int64_t max_chunks = ceil_div(block_size, kFfnMinChunkRows);
-  chunks = chunks > max_chunks ? max_chunks : chunks;
-  p.chunk_rows = ceil_div(block_size, chunks);
-  if (p.chunk_rows > kFfnMaxChunkRows) p.chunk_rows = kFfnMaxChunkRows;
-  p.n_chunks = ceil_div(block_size, p.chunk_rows);
-  p.ws_ld = ceil_div(d_model, 4) * 4;
-  p.ws_bytes = align256(sizeof(float) * static_cast<size_t>(slots * p.n_chunks * p.ws_ld));
-  return p;
+// Checks the sizes against the kernels' limits and plans the call; on failure returns
+// cudaErrorInvalidValue with sfnn_decode_last_error() saying which limit.
+cudaError_t make_plan(bool select, bool ffn, int64_t T, int64_t n_blocks, int64_t d_model,
+                      int64_t top_k, int64_t block_size, int sms, Plan* out) {
+  if (T < 1) return fail("T (tokens) must be >= 1, got %lld", static_cast<long long>(T));
+  if (T > SFNN_DECODE_MAX_TOKENS) {
+    return fail("T=%lld tokens is past the decode kernels' limit of %d tokens per call (they serve "
+                "decoding; use backend='triton' or 'torch' for long inputs)",
+                static_cast<long long>(T), SFNN_DECODE_MAX_TOKENS);
+  }
+  if (d_model < 1 || d_model > kMaxGrid) {
+    return fail("d_model must be in [1, %lld], got %lld", static_cast<long long>(kMaxGrid),
+                static_cast<long long>(d_model));
+  }
+  if (n_blocks < 1 || n_blocks > kMaxGrid) {
+    return fail("n_blocks must be in [1, %lld] (int32 block indices), got %lld",
+                static_cast<long long>(kMaxGrid), static_cast<long long>(n_blocks));
+  }
+  if (top_k < 1 || (select && top_k > n_blocks) || top_k > kMaxGrid) {
+    return fail("top_k must be in [1, %lld], got %lld",
+                static_cast<long long>(select ? n_blocks : kMaxGrid),
+                static_cast<long long>(top_k));
+  }
+  if (ffn && block_size < 1) {
+    return fail("block_size must be >= 1, got %lld", static_cast<long long>(block_size));
+  }
+  Plan p;
+  size_t off = kSyncBytes;
+  size_t smem = 0;
+  double bytes = static_cast<double>(kSyncBytes);
+  if (select) {
+    p.row_ctas = ceil_div(n_blocks, kWarps * kScoreRows);
+    int64_t slices = ceil_div(2 * static_cast<int64_t>(sms), p.row_ctas);
+    const int64_t max_slices = d_model / kScoreMinSlice > 1 ? d_model / kScoreMinSlice : 1;
+    slices = slices < 1 ? 1 : (slices > max_slices ? max_slices : slices);
+    p.slice_width = ceil_div(ceil_div(d_model, slices), kScoreStep) * kScoreStep;
+    p.n_slices = ceil_div(d_model, p.slice_width);
+    p.n_score = p.row_ctas * p.n_slices * ceil_div(T, kScoreTokens);
+    p.n_topk = T;
+    bytes += 4.0 * p.n_slices * T * n_blocks + 8.0 * T * n_blocks + 8.0 * T * top_k;
+    smem = kTopkSmem;
+  }
+  if (ffn) {
+    const int64_t slots = T * top_k;
+    int64_t chunks = slots < sms ? ceil_div(sms, slots) : 1;
+    const int64_t max_chunks = ceil_div(block_size, kFfnMinChunkRows);
+    chunks = chunks > max_chunks ? max_chunks : chunks;
+    p.chunk_rows = ceil_div(block_size, chunks);
+    if (p.chunk_rows > kFfnMaxChunkRows) p.chunk_rows = kFfnMaxChunkRows;
+    p.n_chunks = ceil_div(block_size, p.chunk_rows);
+    p.ws_ld = ceil_div(d_model, 4) * 4;
+    p.col_tiles = ceil_div(d_model, kCombineCols);
+    p.n_ffn = slots * p.n_chunks;
+    p.n_combine = T * p.col_tiles;
+    bytes += 4.0 * slots + 4.0 * slots * p.n_chunks * p.ws_ld;
+    const size_t ffn_smem =
+        kFfnFixedSmem + sizeof(float) * kFfnTokens * static_cast<size_t>(p.chunk_rows);
+    smem = smem > ffn_smem ? smem : ffn_smem;
+    smem = smem > kCombineSmem ? smem : kCombineSmem;
+  }
+  if (p.ctas() > kMaxGrid) {
+    return fail("the launch needs %lld thread blocks (%lld to score, %lld for T*top_k = %lld "
+                "slots x %lld row chunks, %lld to combine), past CUDA's grid limit of %lld: "
+                "lower T or top_k",
+                static_cast<long long>(p.ctas()), static_cast<long long>(p.n_score),
+                static_cast<long long>(p.n_ffn), static_cast<long long>(T * top_k),
+                static_cast<long long>(p.n_chunks), static_cast<long long>(p.n_combine),
+                static_cast<long long>(kMaxGrid));
+  }
+  if (bytes > 0x1p60) return fail("the workspace would take %.3g bytes", bytes);
+  if (select) {
+    p.off_part = off;
+    off += align256(sizeof(float) * static_cast<size_t>(p.n_slices * T * n_blocks));
+    p.off_keys = off;
+    off += align256(sizeof(unsigned long long) * static_cast<size_t>(T * n_blocks));
+    p.off_sel = off;
+    off += align256(sizeof(unsigned long long) * static_cast<size_t>(T * top_k));
+  }
+  if (ffn) {
+    p.off_first = off;
+    off += align256(sizeof(int32_t) * static_cast<size_t>(T * top_k));
+    p.off_ws = off;
+    off += align256(sizeof(float) * static_cast<size_t>(T * top_k * p.n_chunks * p.ws_ld));
+  }
+  p.bytes = off;
+  p.smem = kCtrlBytes + smem;
+  *out = p;
+  g_error[0] = '\0';
+  return cudaSuccess;
 }
 
 template <typename TX>
-cudaError_t launch_select(const TX* x, int64_t x_stride, const float* kbar, int64_t kbar_stride,
-                          const float* bbar, int64_t T, int64_t n_blocks, int64_t d_model,
-                          int64_t top_k, int32_t* out, int64_t out_stride, char* ws,
-                          const SelectPlan& plan, cudaStream_t stream) {
-  float* part = reinterpret_cast<float*>(ws);
-  auto* keys = reinterpret_cast<unsigned long long*>(ws + plan.part_bytes);
-  auto* sel = reinterpret_cast<unsigned long long*>(ws + plan.part_bytes + plan.keys_bytes);
-  const dim3 grid(static_cast<unsigned>(ceil_div(n_blocks, kScoreWarps * kScoreRows)),
-                  static_cast<unsigned>(plan.n_slices),
-                  static_cast<unsigned>(ceil_div(T, kScoreTokens)));
-  const bool vec = aligned(kbar, 16) && kbar_stride % kScoreVec == 0 &&
-                   aligned(x, kScoreVec * static_cast<int64_t>(sizeof(TX))) &&
-                   x_stride % kScoreVec == 0;
-  if (vec) {
-    decode_scores_kernel<TX, kScoreVec><<<grid, kScoreWarps * kWarp, 0, stream>>>(
-        x, x_stride, kbar, kbar_stride, T, n_blocks, d_model, plan.slice_width, part);
-  } else {
-    decode_scores_kernel<TX, 1><<<grid, kScoreWarps * kWarp, 0, stream>>>(
-        x, x_stride, kbar, kbar_stride, T, n_blocks, d_model, plan.slice_width, part);
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  decode_topk_kernel<<<static_cast<unsigned>(T), kTopkThreads, 0, stream>>>(
-      part, plan.n_slices, bbar, T, n_blocks, top_k, keys, sel, out, out_stride);
+cudaError_t launch(const Params& prm, const Plan& plan, bool vec, cudaStream_t stream) {
+  const auto kernel = vec ? decode_kernel<TX, true> : decode_kernel<TX, false>;
+  SFNN_LAUNCH(kernel, dim3(static_cast<unsigned>(plan.ctas())), dim3(kThreads), plan.smem,
+              stream)(prm);
   return cudaGetLastError();
 }
 
-template <typename TX>
-cudaError_t launch_ffn(const TX* x, int64_t x_stride, const TX* keys, int64_t k_stride,
-                       const TX* values, int64_t v_stride, const int32_t* indices,
-                       int64_t idx_stride, const TX* key_bias, const TX* out_bias,
-                       const float* gates, int64_t gate_stride, TX* y, int64_t y_stride,
-                       int activation, int64_t T, int64_t top_k, int64_t n_blocks,
-                       int64_t block_size, int64_t d_model, const FfnPlan& plan, float* ws,
-                       cudaStream_t stream) {
-  constexpr int kVec = 16 / static_cast<int>(sizeof(TX));
-  const bool vec = aligned(x, 16) && aligned(keys, 16) && aligned(values, 16) &&
-                   x_stride % kVec == 0 && k_stride % kVec == 0 && v_stride % kVec == 0;
-  const dim3 grid(static_cast<unsigned>(T * top_k * plan.n_chunks));
-  const size_t smem = sizeof(float) * kFfnTokens * static_cast<size_t>(plan.chunk_rows);
-  if (vec) {
-    decode_ffn_blocks_kernel<TX, kVec><<<grid, kFfnThreads, smem, stream>>>(
-        x, x_stride, keys, k_stride, values, v_stride, indices, idx_stride, key_bias, gates,
-        gate_stride, activation, T, top_k, n_blocks, block_size, d_model, plan.chunk_rows,
-        plan.n_chunks, ws, plan.ws_ld);
-  } else {
-    decode_ffn_blocks_kernel<TX, 1><<<grid, kFfnThreads, smem, stream>>>(
-        x, x_stride, keys, k_stride, values, v_stride, indices, idx_stride, key_bias, gates,
-        gate_stride, activation, T, top_k, n_blocks, block_size, d_model, plan.chunk_rows,
-        plan.n_chunks, ws, plan.ws_ld);
+// Fills in the plan and workspace pointers, zeroes the counters and launches.
+cudaError_t run(Params prm, const Plan& plan, int dtype, int kbar_dtype, bool vec,
+                void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (workspace == nullptr || workspace_bytes < plan.bytes || !aligned(workspace, 256)) {
+    return fail("the workspace must be 256-byte aligned and hold >= %zu bytes (the matching "
+                "*_workspace_bytes()), got %zu bytes at %p",
+                plan.bytes, workspace_bytes, workspace);
   }
-  cudaError_t err = cudaGetLastError();
+  char* ws = static_cast<char*>(workspace);
+  prm.row_ctas = plan.row_ctas;
+  prm.n_slices = plan.n_slices;
+  prm.slice_width = plan.slice_width;
+  prm.n_chunks = plan.n_chunks;
+  prm.chunk_rows = plan.chunk_rows;
+  prm.ws_ld = plan.ws_ld;
+  prm.col_tiles = plan.col_tiles;
+  prm.n_score = plan.n_score;
+  prm.n_topk = plan.n_topk;
+  prm.n_ffn = plan.n_ffn;
+  prm.n_combine = plan.n_combine;
+  prm.sync = reinterpret_cast<unsigned*>(ws);
+  prm.part = plan.n_score ? reinterpret_cast<float*>(ws + plan.off_part) : nullptr;
+  prm.skeys = plan.n_topk ? reinterpret_cast<unsigned long long*>(ws + plan.off_keys) : nullptr;
+  prm.sel = plan.n_topk ? reinterpret_cast<unsigned long long*>(ws + plan.off_sel) : nullptr;
+  prm.first = plan.n_ffn ? reinterpret_cast<int32_t*>(ws + plan.off_first) : nullptr;
+  prm.ws = plan.n_ffn ? reinterpret_cast<float*>(ws + plan.off_ws) : nullptr;
+  cudaError_t err = cudaMemsetAsync(ws, 0, sizeof(unsigned) * kSyncWords, stream);
   if (err != cudaSuccess) return err;
-  const dim3 cgrid(static_cast<unsigned>(ceil_div(d_model, kCombineCols)),
-                   static_cast<unsigned>(T));
-  decode_ffn_combine_kernel<TX><<<cgrid, kCombineThreads, static_cast<size_t>(top_k), stream>>>(
-      ws, plan.ws_ld, indices, idx_stride, out_bias, top_k, n_blocks, plan.n_chunks, d_model, y,
-      y_stride);
-  return cudaGetLastError();
+  prm.kbar_bf16 = kbar_dtype == SFNN_DTYPE_BF16;
+  switch (dtype) {
+    case SFNN_DTYPE_F32:
+      err = launch<float>(prm, plan, vec, stream);
+      break;
+    case SFNN_DTYPE_F16:
+      err = launch<__half>(prm, plan, vec, stream);
+      break;
+    case SFNN_DTYPE_BF16:
+      err = launch<__nv_bfloat16>(prm, plan, vec, stream);
+      break;
+    default:
+      return fail("dtype tag %d is not SFNN_DTYPE_F32/F16/BF16", dtype);
+  }
+  if (err != cudaSuccess) {
+    snprintf(g_error, sizeof(g_error),
+             "launching %lld thread blocks of %d threads with %zu bytes of shared memory "
+             "failed: %s",
+             static_cast<long long>(plan.ctas()), kThreads, plan.smem, cudaGetErrorString(err));
+  }
+  return err;
+}
+
+int64_t elem_bytes(int dtype) { return dtype == SFNN_DTYPE_F32 ? 4 : 2; }
+
+bool dtype_ok(int dtype) { return dtype >= SFNN_DTYPE_F32 && dtype <= SFNN_DTYPE_BF16; }
+
+// Vector loads for S: x and kbar aligned, row strides multiples of kScoreVec.
+bool select_vec_ok(const void* x, int64_t x_stride, const void* kbar, int64_t kbar_stride) {
+  return aligned(x, 16) && aligned(kbar, 16) && x_stride % kScoreVec == 0 &&
+         kbar_stride % kScoreVec == 0;
+}
+
+// ... and for F: x, keys and values aligned, row strides multiples of the input's vector.
+bool ffn_vec_ok(const void* x, int64_t x_stride, const void* keys, int64_t k_stride,
+                const void* values, int64_t v_stride, int dtype) {
+  const int64_t e = 16 / elem_bytes(dtype);
+  return aligned(x, 16) && aligned(keys, 16) && aligned(values, 16) && x_stride % e == 0 &&
+         k_stride % e == 0 && v_stride % e == 0;
+}
+
+cudaError_t check_tags(int dtype, int kbar_dtype, int activation) {
+  if (!dtype_ok(dtype)) return fail("dtype tag %d is not SFNN_DTYPE_F32/F16/BF16", dtype);
+  if (kbar_dtype != SFNN_DTYPE_F32 && kbar_dtype != SFNN_DTYPE_BF16) {
+    return fail("kbar dtype tag %d is not SFNN_DTYPE_F32 or SFNN_DTYPE_BF16", kbar_dtype);
+  }
+  if (activation < SFNN_ACT_RELU || activation > SFNN_ACT_SILU) {
+    return fail("activation tag %d is not SFNN_ACT_RELU/GELU/SILU", activation);
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
 
+const char* sfnn_decode_last_error(void) { return g_error; }
+
 size_t sfnn_decode_select_workspace_bytes(int64_t T, int64_t n_blocks, int64_t d_model,
                                           int64_t top_k, int /*device*/) {
-  if (T <= 0 || n_blocks <= 0 || d_model <= 0 || top_k <= 0) return 0;
-  return plan_select(T, n_blocks, d_model, top_k, sm_count()).total();
+  Plan plan;
+  if (make_plan(true, false, T, n_blocks, d_model, top_k, 0, sm_count(), &plan) != cudaSuccess) {
+    return 0;
+  }
+  return plan.bytes;
 }
 
-cudaError_t sfnn_decode_select(const void* x, int x_dtype, int64_t x_stride, const float* kbar,
-                               int64_t kbar_stride, const float* bbar, int64_t T,
+cudaError_t sfnn_decode_select(const void* x, int x_dtype, int64_t x_stride, const void* kbar,
+                               int kbar_dtype, int64_t kbar_stride, const float* bbar, int64_t T,
                                int64_t n_blocks, int64_t d_model, int64_t top_k, int32_t* out,
                                int64_t out_stride, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
-  if (T <= 0 || d_model <= 0 || n_blocks <= 0 || n_blocks > 0x7fffffffLL || top_k < 1 ||
-      top_k > n_blocks || T > 65535LL * kScoreTokens || x == nullptr || kbar == nullptr ||
-      out == nullptr || workspace == nullptr) {
-    return cudaErrorInvalidValue;
+  Plan plan;
+  cudaError_t err = make_plan(true, false, T, n_blocks, d_model, top_k, 0, sm_count(), &plan);
+  if (err != cudaSuccess) return err;
+  if ((err = check_tags(x_dtype, kbar_dtype, SFNN_ACT_RELU)) != cudaSuccess) return err;
+  if (x == nullptr || kbar == nullptr || out == nullptr) {
+    return fail("x, kbar and out must not be null");
   }
-  const SelectPlan plan = plan_select(T, n_blocks, d_model, top_k, sm_count());
-  if (workspace_bytes < plan.total() || !aligned(workspace, 256)) return cudaErrorInvalidValue;
-  char* ws = static_cast<char*>(workspace);
-  switch (x_dtype) {
-    case SFNN_DTYPE_F32:
-      return launch_select(static_cast<const float*>(x), x_stride, kbar, kbar_stride, bbar, T,
-                           n_blocks, d_model, top_k, out, out_stride, ws, plan, stream);
-    case SFNN_DTYPE_F16:
-      return launch_select(static_cast<const __half*>(x), x_stride, kbar, kbar_stride, bbar, T,
-                           n_blocks, d_model, top_k, out, out_stride, ws, plan, stream);
-    case SFNN_DTYPE_BF16:
-      return launch_select(static_cast<const __nv_bfloat16*>(x), x_stride, kbar, kbar_stride,
-                           bbar, T, n_blocks, d_model, top_k, out, out_stride, ws, plan, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  Params prm{};
+  prm.x = x;
+  prm.x_stride = x_stride;
+  prm.kbar = kbar;
+  prm.kbar_stride = kbar_stride;
+  prm.bbar = bbar;
+  prm.idx = out;
+  prm.idx_stride = out_stride;
+  prm.T = T;
+  prm.n_blocks = n_blocks;
+  prm.d_model = d_model;
+  prm.top_k = top_k;
+  const bool vec = select_vec_ok(x, x_stride, kbar, kbar_stride);
+  return run(prm, plan, x_dtype, kbar_dtype, vec, workspace, workspace_bytes, stream);
 }
 
 size_t sfnn_decode_ffn_workspace_bytes(int64_t T, int64_t top_k, int64_t block_size,
                                        int64_t d_model, int /*device*/) {
-  if (T <= 0 || top_k <= 0 || block_size <= 0 || d_model <= 0) return 0;
-  return plan_ffn(T, top_k, block_size, d_model, sm_count()).ws_bytes;
+  Plan plan;
+  if (make_plan(false, true, T, 1, d_model, top_k, block_size, sm_count(), &plan) != cudaSuccess) {
+    return 0;
+  }
+  return plan.bytes;
+}
+
+cudaError_t sfnn_decode_ffn_gated(
+    const void* x, int64_t x_stride, const void* keys, int64_t k_stride, const void* values,
+    int64_t v_stride, const int32_t* indices, int64_t idx_stride, const void* key_bias,
+    const void* out_bias, const float* gates, int64_t gate_stride, void* y, int64_t y_stride,
+    int dtype, int activation, int64_t T, int64_t top_k, int64_t n_blocks, int64_t block_size,
+    int64_t d_model, void* workspace, size_t workspace_bytes, cudaStream_t stream,
+    const void* gate_keys, int64_t gk_stride, const void* gate_bias) {
+  Plan plan;
+  cudaError_t err =
+      make_plan(false, true, T, n_blocks, d_model, top_k, block_size, sm_count(), &plan);
+  if (err != cudaSuccess) return err;
+  if ((err = check_tags(dtype, SFNN_DTYPE_F32, activation)) != cudaSuccess) return err;
+  if (x == nullptr || keys == nullptr || values == nullptr || indices == nullptr ||
+      y == nullptr) {
+    return fail("x, keys, values, indices and y must not be null");
+  }
+  if (gate_keys == nullptr && gate_bias != nullptr) return fail("gate_bias without gate_keys");
+  Params prm{};
+  prm.x = x;
+  prm.x_stride = x_stride;
+  prm.keys = keys;
+  prm.k_stride = k_stride;
+  prm.values = values;
+  prm.v_stride = v_stride;
+  prm.key_bias = key_bias;
+  prm.gate_keys = gate_keys;
+  prm.gk_stride = gk_stride;
+  prm.gate_bias = gate_bias;
+  prm.out_bias = out_bias;
+  prm.gates = gates;
+  prm.gate_stride = gate_stride;
+  prm.idx = const_cast<int32_t*>(indices);  // read only: ffn mode has no K phase
+  prm.idx_stride = idx_stride;
+  prm.y = y;
+  prm.y_stride = y_stride;
+  prm.act = activation;
+  prm.T = T;
+  prm.n_blocks = n_blocks;
+  prm.d_model = d_model;
+  prm.top_k = top_k;
+  prm.block_size = block_size;
+  const bool vec = ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype) &&
+                   (gate_keys == nullptr ||
+                    ffn_vec_ok(x, x_stride, gate_keys, gk_stride, values, v_stride, dtype));
+  return run(prm, plan, dtype, SFNN_DTYPE_F32, vec, workspace, workspace_bytes, stream);
 }
 
 cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, int64_t k_stride,
@@ -775,28 +1138,62 @@ cudaError_t sfnn_decode_ffn(const void* x, int64_t x_stride, const void* keys, i
                             int dtype, int activation, int64_t T, int64_t top_k,
                             int64_t n_blocks, int64_t block_size, int64_t d_model,
                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  if (T <= 0 || top_k <= 0 || n_blocks <= 0 || n_blocks > 0x7fffffffLL || block_size <= 0 ||
-      d_model <= 0 || x == nullptr || keys == nullptr || values == nullptr ||
-      indices == nullptr || y == nullptr || workspace == nullptr ||
-      activation < SFNN_ACT_RELU || activation > SFNN_ACT_SILU ||
-      T * top_k * ceil_div(block_size, kFfnMinChunkRows) > 0x7fffffffLL ||
-      T > 65535 || top_k > 48 * 1024) {
-    return cudaErrorInvalidValue;
+  return sfnn_decode_ffn_gated(x, x_stride, keys, k_stride, values, v_stride, indices,
+                               idx_stride, key_bias, out_bias, gates, gate_stride, y, y_stride,
+                               dtype, activation, T, top_k, n_blocks, block_size, d_model,
+                               workspace, workspace_bytes, stream, nullptr, 0, nullptr);
+}
+
+size_t sfnn_decode_step_workspace_bytes(int64_t T, int64_t n_blocks, int64_t block_size,
+                                        int64_t d_model, int64_t top_k, int /*device*/) {
+  Plan plan;
+  if (make_plan(true, true, T, n_blocks, d_model, top_k, block_size, sm_count(), &plan) !=
+      cudaSuccess) {
+    return 0;
   }
-  const FfnPlan plan = plan_ffn(T, top_k, block_size, d_model, sm_count());
-  if (workspace_bytes < plan.ws_bytes || !aligned(workspace, 256)) return cudaErrorInvalidValue;
-  float* ws = static_cast<float*>(workspace);
-#define SFNN_FFN_CALL(TX)                                                                      \
-  launch_ffn(static_cast<const TX*>(x), x_stride, static_cast<const TX*>(keys), k_stride,      \
-             static_cast<const TX*>(values), v_stride, indices, idx_stride,                    \
-             static_cast<const TX*>(key_bias), static_cast<const TX*>(out_bias), gates,        \
-             gate_stride, static_cast<TX*>(y), y_stride, activation, T, top_k, n_blocks,       \
-             block_size, d_model, plan, ws, stream)
-  switch (dtype) {
-    case SFNN_DTYPE_F32: return SFNN_FFN_CALL(float);
-    case SFNN_DTYPE_F16: return SFNN_FFN_CALL(__half);
-    case SFNN_DTYPE_BF16: return SFNN_FFN_CALL(__nv_bfloat16);
-    default: return cudaErrorInvalidValue;
+  return plan.bytes;
+}
+
+cudaError_t sfnn_decode_step(const void* x, int64_t x_stride, const void* kbar, int kbar_dtype,
+                             int64_t kbar_stride, const float* bbar, const void* keys,
+                             int64_t k_stride, const void* values, int64_t v_stride,
+                             const void* key_bias, const void* out_bias, int32_t* indices,
+                             int64_t idx_stride, void* y, int64_t y_stride, int dtype,
+                             int activation, int64_t T, int64_t n_blocks, int64_t block_size,
+                             int64_t d_model, int64_t top_k, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream) {
+  Plan plan;
+  cudaError_t err =
+      make_plan(true, true, T, n_blocks, d_model, top_k, block_size, sm_count(), &plan);
+  if (err != cudaSuccess) return err;
+  if ((err = check_tags(dtype, kbar_dtype, activation)) != cudaSuccess) return err;
+  if (x == nullptr || kbar == nullptr || keys == nullptr || values == nullptr ||
+      indices == nullptr || y == nullptr) {
+    return fail("x, kbar, keys, values, indices and y must not be null");
   }
-#undef SFNN_FFN_CALL
+  Params prm{};
+  prm.x = x;
+  prm.x_stride = x_stride;
+  prm.kbar = kbar;
+  prm.kbar_stride = kbar_stride;
+  prm.bbar = bbar;
+  prm.keys = keys;
+  prm.k_stride = k_stride;
+  prm.values = values;
+  prm.v_stride = v_stride;
+  prm.key_bias = key_bias;
+  prm.out_bias = out_bias;
+  prm.idx = indices;
+  prm.idx_stride = idx_stride;
+  prm.y = y;
+  prm.y_stride = y_stride;
+  prm.act = activation;
+  prm.T = T;
+  prm.n_blocks = n_blocks;
+  prm.d_model = d_model;
+  prm.top_k = top_k;
+  prm.block_size = block_size;
+  const bool vec = select_vec_ok(x, x_stride, kbar, kbar_stride) &&
+                   ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype);
+  return run(prm, plan, dtype, kbar_dtype, vec, workspace, workspace_bytes, stream);
 }

@@ -18,8 +18,11 @@ Supported (detected by class, see :data:`ADAPTERS`):
   become ``nn.Identity``; the MLP's dropout still runs. GPT-2 checkpoints use the tanh
   approximation of GELU (``gelu_new``), which sfnn's kernels do not compute: pass
   ``activation="gelu"`` to accept exact GELU in its place (it differs by at most 2e-4 per cell).
-- LLaMA-family gated MLPs (``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``) are recognised and
-  refused with a clear error until gated SparseFFN layers exist.
+- LLaMA family: the gated MLPs ``LlamaMLP``, ``MistralMLP``, ``Qwen2MLP``
+  (``down_proj(act(gate_proj(x)) * up_proj(x))``) are replaced whole by a gated
+  :class:`ConvertedFFN` (``gate_weight = gate_proj.weight``, ``key_weight = up_proj.weight``,
+  ``value_weight = down_proj.weight.T``). Avg-K scores the gate table's block means, and
+  clustering groups cells by their gate keys.
 
 Calibration (:class:`Calibration`) offers, each measured in ``bench/convert.py``:
 
@@ -53,6 +56,7 @@ import importlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,16 +107,19 @@ class ConvertedFFN(SparseFFN):
     @classmethod
     def from_weights(cls, keys: Tensor, values: Tensor, key_bias: Tensor | None,
                      out_bias: Tensor | None, *, block_size: int, top_k: int, activation: str,
+                     gate_keys: Tensor | None = None, gate_bias: Tensor | None = None,
                      **kwargs) -> ConvertedFFN:
-        """Copies of the dense tables: keys (d_ff, d_model) = ``fc1.weight``, values (d_ff,
-        d_model) = ``fc2.weight.T``, key_bias (d_ff,) or None, out_bias (d_model,) or None."""
+        """Copies of the dense tables: keys (d_ff, d_model) = ``fc1.weight`` (``up_proj.weight``
+        of a gated MLP), values (d_ff, d_model) = ``fc2.weight.T``, key_bias (d_ff,) or None,
+        out_bias (d_model,) or None; gate_keys (d_ff, d_model) = ``gate_proj.weight`` and
+        gate_bias (d_ff,) or None make a gated layer."""
         d_ff, d_model = keys.shape
         ffn = cls(d_model, d_ff, block_size=block_size, top_k=top_k, activation=activation,
-                  bias=True, device=keys.device, dtype=keys.dtype, **kwargs)
+                  bias=True, gated=gate_keys is not None, device=keys.device, dtype=keys.dtype,
+                  **kwargs)
         with torch.no_grad():
-            ffn.key_weight.copy_(keys)
-            ffn.value_weight.copy_(values)
-            for name, src in (("key_bias", key_bias), ("out_bias", out_bias)):
+            for name, src in zip(_TABLE_NAMES, (keys, values, key_bias, out_bias, gate_keys,
+                                                gate_bias), strict=True):
                 if src is None:
                     setattr(ffn, name, None)
                 else:
@@ -167,7 +174,8 @@ class ConvertedFFN(SparseFFN):
             return _oracle_indices(self, x2d)
         if self.score_weight is not None:
             return select_blocks(x2d, self.score_weight, self.score_bias, self.top_k)
-        kbar, bbar = block_means(self.key_weight, self.key_bias, block_size=self.block_size,
+        table, bias = _scored_table(self)
+        kbar, bbar = block_means(table, bias, block_size=self.block_size,
                                  means_cache=self._serving_cache())
         return select_blocks(x2d, kbar, bbar, self.top_k)
 
@@ -180,7 +188,8 @@ class ConvertedFFN(SparseFFN):
         idx = self.select(x2d)
         y = block_ffn(x2d, self.key_weight, self.value_weight, idx, block_size=self.block_size,
                       key_bias=self.key_bias, out_bias=self.out_bias, activation=self.activation,
-                      backend=self.backend, deterministic=self.deterministic)
+                      backend=self.backend, deterministic=self.deterministic,
+                      gate_keys=self.gate_weight, gate_bias=self.gate_bias)
         if self.comp is not None and self.top_k < self.n_blocks:
             kept = F.embedding_bag(idx.long(), self.comp, mode="sum")  # [T, d]: top_k rows
             y = y + (self.comp.sum(0) - kept).to(y.dtype)
@@ -200,20 +209,41 @@ def _make_table_buffers(module, state_dict, prefix, *args) -> None:
                                               device=module.key_weight.device))
 
 
+# A layer's tables, in the order from_weights takes them (gate_* are None unless gated).
+_TABLE_NAMES = ("key_weight", "value_weight", "key_bias", "out_bias", "gate_weight", "gate_bias")
+
+
+def _tables_of(ffn: SparseFFN) -> tuple[Tensor | None, ...]:
+    return tuple(getattr(ffn, name) for name in _TABLE_NAMES)
+
+
+def _scored_table(ffn: SparseFFN) -> tuple[Tensor, Tensor | None]:
+    """The table whose block means Avg-K scores: the gate keys of a gated layer, else the
+    keys (with its bias)."""
+    return (ffn.gate_weight, ffn.gate_bias) if ffn.gated else (ffn.key_weight, ffn.key_bias)
+
+
+def _acts(x: Tensor, keys: Tensor, key_bias, gate_keys, gate_bias, activation: str) -> Tensor:
+    """Every cell's activation (T, d_ff): ``act(x K^T + b)``, or ``act(x G^T + b_g) * (x K^T +
+    b)`` for a gated layer."""
+    if gate_keys is None:
+        return apply_activation(F.linear(x, keys, key_bias), activation)
+    return apply_activation(F.linear(x, gate_keys, gate_bias), activation) * F.linear(
+        x, keys, key_bias)
+
+
 def _dense_ffn(ffn: SparseFFN, x: Tensor) -> Tensor:
     """The dense FFN of ``ffn``'s tables, or of the frozen copy kept while distilling."""
-    keys, values, kb, ob = getattr(ffn, "_teacher", None) or (
-        ffn.key_weight, ffn.value_weight, ffn.key_bias, ffn.out_bias)
-    y = apply_activation(F.linear(x, keys, kb), ffn.activation) @ values
+    keys, values, kb, ob, gk, gb = getattr(ffn, "_teacher", None) or _tables_of(ffn)
+    y = _acts(x, keys, kb, gk, gb, ffn.activation) @ values
     return y if ob is None else y + ob
 
 
 # --------------------------------------------------------------------------- block statistics
 def _cell_acts(ffn: SparseFFN, x2d: Tensor) -> Tensor:
-    """act(x K^T + b) of every cell, float32: (T, d_ff)."""
-    kb = None if ffn.key_bias is None else ffn.key_bias.detach().float()
-    return apply_activation(F.linear(x2d.float(), ffn.key_weight.detach().float(), kb),
-                            ffn.activation)
+    """The activation of every cell (:func:`_acts`), float32: (T, d_ff)."""
+    keys, _, kb, _, gk, gb = (None if t is None else t.detach().float() for t in _tables_of(ffn))
+    return _acts(x2d.float(), keys, kb, gk, gb, ffn.activation)
 
 
 def _block_weight(ffn: SparseFFN, h: Tensor, comp: Tensor | None) -> Tensor:
@@ -322,10 +352,26 @@ class _Site:
     name: str
     owner: nn.Module
     adapter: _Adapter
+    parent: nn.Module | None = None  # the module holding ``owner`` (None for the root)
 
     @property
     def ffn_name(self) -> str:
-        return f"{self.name}.{self.adapter.ffn_path}" if self.name else self.adapter.ffn_path
+        return ".".join(p for p in (self.name, self.adapter.ffn_path) if p)
+
+
+class _Tables(NamedTuple):
+    """A dense FFN's tables as sfnn lays them out (row per cell): keys (d_ff, d_model) (the up
+    table of a gated MLP), values (d_ff, d_model), key_bias (d_ff,) | None, out_bias (d_model,)
+    | None, the activation module, and for gated MLPs gate_keys (d_ff, d_model) and gate_bias
+    (d_ff,) | None."""
+
+    keys: Tensor
+    values: Tensor
+    key_bias: Tensor | None
+    out_bias: Tensor | None
+    act: nn.Module
+    gate_keys: Tensor | None = None
+    gate_bias: Tensor | None = None
 
 
 class _Adapter:
@@ -343,12 +389,11 @@ class _Adapter:
     def matches(self, module: nn.Module) -> bool:
         return isinstance(module, self.classes())
 
-    def tables(self, owner: nn.Module) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
-                                                nn.Module]:
-        """(keys (d_ff, d_model), values (d_ff, d_model), key_bias, out_bias, act module)."""
+    def tables(self, owner: nn.Module) -> _Tables:
         raise NotImplementedError
 
-    def install(self, owner: nn.Module, ffn: ConvertedFFN) -> None:
+    def install(self, site: _Site, ffn: ConvertedFFN) -> None:
+        """Put ``ffn`` in the model in place of ``site``'s dense FFN."""
         raise NotImplementedError
 
 
@@ -384,10 +429,11 @@ class _BertAdapter(_Adapter):
 
     def tables(self, owner):
         fc1, fc2 = owner.intermediate.dense, owner.output.dense
-        return (fc1.weight, fc2.weight.t(), fc1.bias, fc2.bias,
-                owner.intermediate.intermediate_act_fn)
+        return _Tables(fc1.weight, fc2.weight.t(), fc1.bias, fc2.bias,
+                       owner.intermediate.intermediate_act_fn)
 
-    def install(self, owner, ffn):
+    def install(self, site, ffn):
+        owner = site.owner
         owner.intermediate.dense = ffn
         owner.intermediate.intermediate_act_fn = nn.Identity()
         owner.output.dense = nn.Identity()
@@ -405,23 +451,40 @@ class _GPT2Adapter(_Adapter):
         return super().matches(module) and not isinstance(module.c_fc, ConvertedFFN)
 
     def tables(self, owner):
-        return (owner.c_fc.weight.t(), owner.c_proj.weight, owner.c_fc.bias, owner.c_proj.bias,
-                owner.act)
+        return _Tables(owner.c_fc.weight.t(), owner.c_proj.weight, owner.c_fc.bias,
+                       owner.c_proj.bias, owner.act)
 
-    def install(self, owner, ffn):
+    def install(self, site, ffn):
+        owner = site.owner
         owner.c_fc = ffn
         owner.act = nn.Identity()
         owner.c_proj = nn.Identity()
 
 
 class _GatedAdapter(_Adapter):
-    """LLaMA-family ``act(gate_proj(x)) * up_proj(x) -> down_proj``: recognised, not yet
-    convertible (needs gated SparseFFN layers)."""
+    """LLaMA-family ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: the gated product of two
+    branches cannot be spread over the MLP's own submodules, so the gated layer replaces the
+    whole MLP in its parent (it takes and returns the same (..., d_model) tensor)."""
 
     kind = "gated"
     types = (("transformers.models.llama.modeling_llama", "LlamaMLP"),
              ("transformers.models.mistral.modeling_mistral", "MistralMLP"),
              ("transformers.models.qwen2.modeling_qwen2", "Qwen2MLP"))
+
+    def matches(self, module):
+        return super().matches(module) and all(
+            isinstance(getattr(module, n, None), nn.Linear)
+            for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def tables(self, owner):
+        down = owner.down_proj
+        return _Tables(owner.up_proj.weight, down.weight.t(), owner.up_proj.bias, down.bias,
+                       owner.act_fn, owner.gate_proj.weight, owner.gate_proj.bias)
+
+    def install(self, site, ffn):
+        if site.parent is None:
+            raise ValueError("convert the model that holds the gated MLP, not the MLP itself")
+        setattr(site.parent, site.name.rpartition(".")[2], ffn)
 
 
 #: The architecture adapters, tried in order on every module of a model.
@@ -431,10 +494,12 @@ ADAPTERS: list[_Adapter] = [_BertAdapter(), _GPT2Adapter(), _GatedAdapter()]
 def find_ffns(model: nn.Module) -> list[_Site]:
     """Every FFN of ``model`` that an adapter recognises, in module order."""
     sites = []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         for adapter in ADAPTERS:
             if adapter.matches(module):
-                sites.append(_Site(name, module, adapter))
+                parent = modules[name.rpartition(".")[0]] if name else None
+                sites.append(_Site(name, module, adapter, parent))
                 break
     return sites
 
@@ -604,8 +669,8 @@ def fit_scores(ffn: ConvertedFFN, x: Tensor, comp: Tensor | None = None, *,
     scores against the targets). Returns (n_blocks, d_model) and (n_blocks,) float32.
     """
     nb, d = ffn.n_blocks, ffn.d_model
-    kbar, bbar = block_means(ffn.key_weight.detach(), _det(ffn.key_bias),
-                             block_size=ffn.block_size)
+    table, table_bias = _scored_table(ffn)
+    kbar, bbar = block_means(table.detach(), _det(table_bias), block_size=ffn.block_size)
     dev = x.device
     bias = torch.zeros(nb, device=dev) if bbar is None else bbar.float().to(dev)
     prior = torch.cat([kbar.float().to(dev), bias[:, None]], 1).double()  # [nb, d+1]
@@ -730,8 +795,7 @@ def _allocate(ffns, errs, fractions, budget_cells: int) -> list[int]:
 def _distill(model, ffns, cal: Calibration, progress: bool) -> list[float]:
     """(c) Adam on the converted layers' tables against the dense hidden states; returns the
     loss per step."""
-    params = [p for f in ffns for p in (f.key_weight, f.value_weight, f.key_bias, f.out_bias)
-              if p is not None]
+    params = [p for f in ffns for p in _tables_of(f) if p is not None]
     comps = [f.comp for f in ffns if f.comp is not None]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -739,8 +803,7 @@ def _distill(model, ffns, cal: Calibration, progress: bool) -> list[float]:
     for p in params + comps:
         p.requires_grad_(True)
     for f in ffns:  # the teacher: the dense FFNs as they were before distillation
-        f._teacher = tuple(None if p is None else p.detach().clone()
-                           for p in (f.key_weight, f.value_weight, f.key_bias, f.out_bias))
+        f._teacher = tuple(None if p is None else p.detach().clone() for p in _tables_of(f))
     opt = torch.optim.Adam(params + comps, lr=cal.lr)
     gen = torch.Generator().manual_seed(cal.seed)
     losses = []
@@ -811,17 +874,12 @@ def _select_sites(model, layers) -> list[_Site]:
         raise ValueError("model already holds converted layers (ConvertedFFN); convert the "
                          "dense model")
     sites = find_ffns(model)
-    gated = [s.name for s in sites if s.adapter.kind == "gated"]
-    if gated:
-        raise NotImplementedError(
-            f"{type(model).__name__} has gated MLPs (act(gate_proj(x)) * up_proj(x) -> "
-            f"down_proj, e.g. {gated[0]!r}); converting them needs gated SparseFFN layers "
-            f"(gate_weight/gate_bias), which sfnn does not have yet")
     if not sites:
         raise ValueError(
             f"found no supported FFN in {type(model).__name__}: sfnn.convert recognises "
             f"BERT-family layers (Bert/Roberta/XLMRoberta/Camembert/Electra Intermediate + "
-            f"Output) and GPT-2 (GPT2MLP); register an adapter in sfnn.conversion.ADAPTERS for "
+            f"Output), GPT-2 (GPT2MLP) and LLaMA-family gated MLPs (LlamaMLP, MistralMLP, "
+            f"Qwen2MLP); register an adapter in sfnn.conversion.ADAPTERS for "
             f"other architectures")
     if layers is None:
         return sites
@@ -857,6 +915,16 @@ def _top_k_for(d_ff: int, block_size: int, top_k, density, name: str) -> int:
     return max(1, min(nb, round(density * nb)))
 
 
+def _activation_name(site: _Site, act: nn.Module, override: str | None) -> str:
+    name = override or _match_activation(act)
+    if name is None:
+        raise ValueError(f"layer {site.name!r}: its activation {act!r} is none of sfnn's "
+                         f"{ACTIVATIONS} (GPT-2's gelu_new and Gemma's gelu_pytorch_tanh are "
+                         f"tanh-approximated GELU); pass activation=... to use one of those in "
+                         f"its place")
+    return name
+
+
 def convert(model: nn.Module, *, block_size: int, top_k: int | None = None,
             density: float | None = None, cluster: bool = True,
             calibration: Calibration | Sequence | None = None, layers=None,
@@ -865,7 +933,8 @@ def convert(model: nn.Module, *, block_size: int, top_k: int | None = None,
     """Swap the dense FFNs of a Hugging Face model for Avg-K sparse FFNs, in place.
 
     Args:
-        model: a BERT-family (BERT, RoBERTa, MiniLM, ...) or GPT-2 model (any head).
+        model: a BERT-family (BERT, RoBERTa, MiniLM, ...), GPT-2 or LLaMA-family (LLaMA,
+            Mistral, Qwen2: gated MLPs) model, any head.
         block_size: cells per block g; must divide each converted layer's d_ff.
         top_k: blocks per token, or ``density``: the share of cells computed per token
             (``top_k = round(density * n_blocks)``, at least 1). Exactly one of the two.
@@ -907,28 +976,25 @@ def convert(model: nn.Module, *, block_size: int, top_k: int | None = None,
     sites = _select_sites(model, layers)
     plan = []
     for s in sites:
-        keys, values, kb, ob, act = s.adapter.tables(s.owner)
-        k = _top_k_for(keys.shape[0], block_size, top_k, density, s.name)
-        act_name = activation or _match_activation(act)
-        if act_name is None:
-            raise ValueError(f"layer {s.name!r}: its activation {act!r} is none of sfnn's "
-                             f"{ACTIVATIONS} (GPT-2's gelu_new is tanh-approximated GELU); pass "
-                             f"activation=... to use one of those in its place")
-        plan.append((s, keys, values, kb, ob, k, act_name))
+        t = s.adapter.tables(s.owner)
+        k = _top_k_for(t.keys.shape[0], block_size, top_k, density, s.name)
+        plan.append((s, t, k, _activation_name(s, t.act, activation)))
 
     ffns, rows = [], []
     bar = _progress(plan, progress and cluster, desc="cluster", leave=False)
-    for s, keys, values, kb, ob, k, act_name in bar:
+    for s, t, k, act_name in bar:
         tc = time.perf_counter()
+        cells = [t.keys, t.values, t.key_bias, t.gate_keys, t.gate_bias]
         with torch.no_grad():
-            if cluster:
-                perm = cluster_cells(keys, block_size, seed=seed).to(keys.device)
-                keys, values = keys[perm], values[perm]
-                kb = None if kb is None else kb[perm]
-        ffn = ConvertedFFN.from_weights(keys, values, kb, ob, block_size=block_size, top_k=k,
-                                        activation=act_name)
+            if cluster:  # by the keys Avg-K scores: the gate keys of a gated MLP
+                scored = t.keys if t.gate_keys is None else t.gate_keys
+                perm = cluster_cells(scored, block_size, seed=seed).to(scored.device)
+                cells = [None if c is None else c[perm] for c in cells]
+        keys, values, kb, gk, gb = cells
+        ffn = ConvertedFFN.from_weights(keys, values, kb, t.out_bias, block_size=block_size,
+                                        top_k=k, activation=act_name, gate_keys=gk, gate_bias=gb)
         ffn.train(s.owner.training)
-        s.adapter.install(s.owner, ffn)
+        s.adapter.install(s, ffn)
         ffns.append(ffn)
         rows.append(dict(name=s.name, kind=s.adapter.kind, d_ff=ffn.d_ff, block_size=block_size,
                          top_k=k, density=k / ffn.n_blocks, cluster_s=time.perf_counter() - tc,
@@ -988,13 +1054,11 @@ def restore(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool 
         if extra is None:
             continue
         block_size, top_k = (int(v) for v in torch.as_tensor(extra).tolist())
-        keys, values, kb, ob, act = s.adapter.tables(s.owner)
-        act_name = activation or _match_activation(act)
-        if act_name is None:
-            raise ValueError(f"layer {s.name!r}: unsupported activation {act!r}; pass "
-                             f"activation=...")
-        ffn = ConvertedFFN.from_weights(keys, values, kb, ob, block_size=block_size,
-                                        top_k=top_k, activation=act_name)
-        s.adapter.install(s.owner, ffn)
+        t = s.adapter.tables(s.owner)
+        ffn = ConvertedFFN.from_weights(t.keys, t.values, t.key_bias, t.out_bias,
+                                        block_size=block_size, top_k=top_k,
+                                        activation=_activation_name(s, t.act, activation),
+                                        gate_keys=t.gate_keys, gate_bias=t.gate_bias)
+        s.adapter.install(s, ffn)
     model.load_state_dict(dict(state_dict), strict=strict)
     return model

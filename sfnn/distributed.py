@@ -288,6 +288,9 @@ class BlockParallelSparseFFN(nn.Module):
     ``key_weight``, ``value_weight`` and ``key_bias`` are those of the sum of every rank's loss,
     and stay on the rank that owns the shard.
 
+    Gated layers (``SparseFFN(..., gated=True)``) are not sharded yet:
+    :meth:`from_sparse_ffn` refuses them with NotImplementedError.
+
     Parameters (on rank ``r``):
         key_weight, value_weight: (d_ff / world_size, d_model), the shard's rows.
         key_bias: (d_ff / world_size,) or None. out_bias: (d_model,) or None, replicated: its
@@ -489,6 +492,11 @@ class BlockParallelSparseFFN(nn.Module):
         copies its rows, so ``layer`` may be freed afterwards."""
         if not isinstance(layer, SparseFFN):
             raise TypeError(f"layer must be an sfnn.SparseFFN, got {type(layer).__name__}")
+        if getattr(layer, "gated", False):
+            raise NotImplementedError(
+                "BlockParallelSparseFFN does not shard gated layers (SparseFFN(..., gated=True), "
+                "SwiGLU/GeGLU) yet: keep the gated layer whole on each rank (DDP/FSDP), or use a "
+                "plain FFN")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         w = layer.key_weight

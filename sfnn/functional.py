@@ -81,6 +81,24 @@ def _check_weights(keys, values, key_bias, out_bias, block_size) -> tuple[int, i
     return d_ff, d_model, d_ff // block_size
 
 
+def _check_gate_tables(gate_keys, gate_bias, keys) -> bool:
+    """Validate a gated FFN's gate table against the (up) ``keys``; True when gated."""
+    if gate_keys is None:
+        if gate_bias is not None:
+            raise ValueError("gate_bias is the gate table's bias and needs gate_keys: pass "
+                             "gate_keys=(d_ff, d_model) (gate_proj.weight) too, or drop gate_bias")
+        return False
+    _check_tensor("gate_keys", gate_keys, dim=2)
+    if gate_keys.shape != keys.shape:
+        raise ValueError(f"gate_keys must be (d_ff, d_model) like keys {tuple(keys.shape)}, got "
+                         f"{tuple(gate_keys.shape)}")
+    _check_tensor("gate_bias", gate_bias, dim=1, optional=True)
+    if gate_bias is not None and gate_bias.shape[0] != keys.shape[0]:
+        raise ValueError(f"gate_bias must be (d_ff,) = ({keys.shape[0]},), got "
+                         f"{tuple(gate_bias.shape)}")
+    return True
+
+
 def _check_x(x, d_model: int) -> None:
     _check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] != d_model:
@@ -267,11 +285,14 @@ def _check_indices(indices, x: Tensor, n_blocks: int, name: str = "indices") -> 
 def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block_size: int,
               key_bias: Tensor | None = None, out_bias: Tensor | None = None,
               gates: Tensor | None = None, activation: str = "relu", backend: str = "auto",
-              deterministic: bool = False) -> Tensor:
+              deterministic: bool = False, gate_keys: Tensor | None = None,
+              gate_bias: Tensor | None = None) -> Tensor:
     """The block FFN over given blocks: the compute half of :func:`sparse_ffn`.
 
     ``y_t = sum_j gates[t, j] * sum_{i in block indices[t, j]} act(x_t . k_i + b_i) v_i
-    + out_bias`` (gates default to 1; a block listed twice counts twice).
+    + out_bias`` (gates default to 1; a block listed twice counts twice). With ``gate_keys``
+    (d_ff, d_model) (and ``gate_bias`` (d_ff,)) the gated FFN: the cell is
+    ``act(x_t . kg_i + bg_i) * (x_t . k_i + b_i)`` (see :func:`sparse_ffn`).
 
     Args:
         x: (..., d_model). keys, values: (d_ff, d_model). indices: (..., top_k) int32/int64 in
@@ -285,6 +306,7 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
     _check_choice("activation", activation, ACTIVATIONS)
     _check_choice("backend", backend, ops.BACKENDS)
     d_ff, d_model, n_blocks = _check_weights(keys, values, key_bias, out_bias, block_size)
+    gated = _check_gate_tables(gate_keys, gate_bias, keys)
     _check_x(x, d_model)
     idx2d = _check_indices(indices, x, n_blocks)
     if gates is not None:
@@ -295,30 +317,35 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
         if gates.device != x.device:
             raise ValueError(f"gates must be on x's device {x.device}, got {gates.device}")
     t, autocast_device = _harmonise(dict(x=x, keys=keys, values=values, key_bias=key_bias,
-                                         out_bias=out_bias))
+                                         out_bias=out_bias, gate_keys=gate_keys,
+                                         gate_bias=gate_bias))
     x2d = t["x"].reshape(-1, d_model)
     gates2d = None
     if gates is not None:
         acc = torch.float64 if x2d.dtype == torch.float64 else torch.float32
         gates2d = gates.reshape(-1, gates.shape[-1]).to(acc)
-    kernel_grad = _needs_grad(x, keys, values, key_bias, gates)
+    kernel_grad = _needs_grad(x, keys, values, key_bias, gates, gate_keys, gate_bias)
     route = ops.transform_route(*t.values(), gates)
     if route is not None and backend != "reference":  # still refuse a backend that cannot run
-        ops.resolve_backend(backend, x.device, x2d.shape[0], False, x2d.dtype)
+        ops.resolve_backend(backend, x.device, x2d.shape[0], False, x2d.dtype, gated=gated)
     with _autocast_off(autocast_device):
         if backend == "reference" or route == "dense":
             y2d = reference.block_ffn_ref(x2d, t["keys"], t["values"], idx2d,
                                           block_size=block_size, key_bias=t["key_bias"],
                                           out_bias=t["out_bias"], gates=gates2d,
-                                          activation=activation)
+                                          activation=activation, gate_keys=t["gate_keys"],
+                                          gate_bias=t["gate_bias"])
         elif route == "composite":
             y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
-                                          t["out_bias"], gates2d, block_size, activation)
+                                          t["out_bias"], gates2d, block_size, activation,
+                                          t["gate_keys"], t["gate_bias"])
         else:
-            be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad, x2d.dtype)
+            be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad, x2d.dtype,
+                                     gated=gated)
             y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
                                          t["out_bias"], gates2d, block_size, activation, be,
-                                         _deterministic(deterministic), kernel_grad)
+                                         _deterministic(deterministic), kernel_grad,
+                                         t["gate_keys"], t["gate_bias"])
     return y2d.reshape(x.shape[:-1] + (d_model,))
 
 
@@ -418,7 +445,8 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
                selection: str = "avgk", router_weight: Tensor | None = None,
                token_ids: Tensor | None = None, hash_table: Tensor | None = None,
                seed=None, balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0,
-               return_selection: bool = False):
+               return_selection: bool = False, gate_keys: Tensor | None = None,
+               gate_bias: Tensor | None = None):
     """The sparse FFN: choose each token's ``top_k`` blocks, compute only those.
 
     ``y_t = sum_{j} gate[t, j] * sum_{i in block S_t[j]} act(x_t . k_i + b_i) v_i + out_bias``.
@@ -426,6 +454,14 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     ``x_t . kbar_b + bbar_b`` and every gate is 1 (no gate, no renormalisation);
     ``top_k == d_ff // block_size`` is then exactly the dense FFN, and ``block_size=1`` is the
     exact top-k over cells (the paper's unrestricted memory).
+
+    Gated FFNs (SwiGLU with ``activation="silu"``, GeGLU with ``"gelu"``): given ``gate_keys``
+    (d_ff, d_model) (``gate_proj.weight``) and optionally ``gate_bias`` (d_ff,), the cell is
+    ``h_i = act(x_t . kg_i + bg_i) * (x_t . k_i + b_i)``: ``keys``/``key_bias`` are the *up* table
+    (``up_proj``, linear), ``values`` is ``down_proj.weight.T``. Avg-K then scores the gate
+    table's block means, ``x_t . mean_b(kg) + mean_b(bg)``. ``gate_bias`` without ``gate_keys``
+    is an error. Not to be confused with the selection methods' ``gates`` (per-slot weights),
+    which multiply a gated block's output as they do a plain one's.
 
     The other selection methods (the paper's comparison; :mod:`sfnn.selection`):
 
@@ -464,6 +500,8 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
             ``Selection.aux_loss`` (Switch's 0.01; ST-MoE's z-loss weight is 0.001).
         return_selection: also return the :class:`sfnn.Selection` (indices, gates, aux_loss,
             balance_loss, z_loss), the only way the functional form hands out the aux loss.
+        gate_keys: (d_ff, d_model) gate table of a gated FFN, or None (plain FFN).
+        gate_bias: (d_ff,) its bias, or None (needs ``gate_keys``).
 
     Returns:
         (..., d_model) in x's dtype (the autocast dtype under ``torch.autocast``, which, as for
@@ -488,6 +526,7 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     _check_choice("activation", activation, ACTIVATIONS)
     _check_choice("backend", backend, ops.BACKENDS)
     d_ff, d_model, n_blocks = _check_weights(keys, values, key_bias, out_bias, block_size)
+    gated = _check_gate_tables(gate_keys, gate_bias, keys)
     _check_x(x, d_model)
     _check_cache(means_cache)
     _check_int("top_k", top_k)
@@ -498,14 +537,15 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     bw = _check_weight("balance_loss_weight", balance_loss_weight)
     zw = _check_weight("z_loss_weight", z_loss_weight)
     t, autocast_device = _harmonise(dict(x=x, keys=keys, values=values, key_bias=key_bias,
-                                         out_bias=out_bias, router_weight=router_weight))
+                                         out_bias=out_bias, router_weight=router_weight,
+                                         gate_keys=gate_keys, gate_bias=gate_bias))
     if selection == "random":
         seed = selection_lib.resolve_seed(seed, x.device)
     lead = x.shape[:-1]
     x2d = t["x"].reshape(-1, d_model)
     # Gradients the kernels compute (out_bias's is dy summed, taken by the op layer); a
     # router's gradient comes through the gates' gradient.
-    kernel_grad = _needs_grad(x, keys, values, key_bias, router_weight)
+    kernel_grad = _needs_grad(x, keys, values, key_bias, router_weight, gate_keys, gate_bias)
     route = None if backend == "reference" else ops.transform_route(*t.values())
     if backend == "reference" or route == "dense":
         with _autocast_off(autocast_device):
@@ -513,18 +553,21 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
                 t["x"], t["keys"], t["values"], block_size=block_size, top_k=top_k,
                 key_bias=t["key_bias"], out_bias=t["out_bias"], activation=activation,
                 selection=selection, router_weight=router_weight, token_ids=token_ids,
-                hash_table=hash_table, seed=seed, return_selection=True)
+                hash_table=hash_table, seed=seed, return_selection=True,
+                gate_keys=t["gate_keys"], gate_bias=t["gate_bias"])
         sel = Selection(idx, gates, bw * bal + zw * z, bal, z)
         return (y, sel) if return_selection else y
     be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad and route is None,
-                             x2d.dtype)
+                             x2d.dtype, gated=gated)
     with _autocast_off(autocast_device):
         if route is not None:
             be = "torch"
         kbar = bbar = None
         if selection == "avgk":
-            # Means come from the parameters themselves, not the autocast copies.
-            kbar, bbar = _means(keys, key_bias, block_size, be, means_cache)
+            # Means come from the parameters themselves, not the autocast copies; a gated
+            # FFN scores the gate table's block means.
+            score_keys, score_bias = (gate_keys, gate_bias) if gated else (keys, key_bias)
+            kbar, bbar = _means(score_keys, score_bias, block_size, be, means_cache)
         sel = selection_lib.select(
             x2d, selection, top_k=top_k, n_blocks=n_blocks, backend=be, route=route, kbar=kbar,
             bbar=bbar, router_weight=router_weight, token_ids=ids, hash_table=hash_table,
@@ -532,11 +575,12 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
         if route == "composite":
             y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], sel.indices,
                                           t["key_bias"], t["out_bias"], sel.gates, block_size,
-                                          activation)
+                                          activation, t["gate_keys"], t["gate_bias"])
         else:
             y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], sel.indices, t["key_bias"],
                                          t["out_bias"], sel.gates, block_size, activation, be,
-                                         _deterministic(deterministic), kernel_grad)
+                                         _deterministic(deterministic), kernel_grad,
+                                         t["gate_keys"], t["gate_bias"])
     y = y2d.reshape(lead + (d_model,))
     if not return_selection:
         return y

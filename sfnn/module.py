@@ -35,6 +35,13 @@ class SparseFFN(nn.Module):
         methods, and ``torch.nn.utils.parametrize`` keeps parametrizations in a ModuleDict
         keyed by parameter name. Checkpoints saved with the old names still load.)
 
+    Gated (``gated=True``; SwiGLU with ``activation="silu"``, GeGLU with ``"gelu"``): adds
+        ``gate_weight`` (d_ff, d_model), like ``gate_proj.weight``, and ``gate_bias`` (d_ff,)
+        (None when ``bias=False``); the cell is ``act(x . gate_weight_i + gate_bias_i) *
+        (x . key_weight_i + key_bias_i)`` (``key_weight`` is ``up_proj.weight``,
+        ``value_weight`` ``down_proj.weight.T``), and Avg-K scores the gate table's block means.
+        :meth:`from_dense_gated` copies a LLaMA-style MLP.
+
     Shapes: input (..., d_model) -> output (..., d_model); ``forward(x, token_ids=None)``.
 
     Selection (``selection=``; the paper's comparison, see :mod:`sfnn.selection`):
@@ -82,7 +89,7 @@ class SparseFFN(nn.Module):
                  deterministic: bool = False, selection: str = "avgk",
                  vocab_size: int | None = None, track_usage: bool = False,
                  balance_loss_weight: float = 0.01, z_loss_weight: float = 0.0,
-                 seed: int | None = None, device=None, dtype=None):
+                 seed: int | None = None, gated: bool = False, device=None, dtype=None):
         super().__init__()
         _check_int("d_model", d_model)
         _check_int("d_ff", d_ff)
@@ -109,6 +116,9 @@ class SparseFFN(nn.Module):
             _check_int("vocab_size", vocab_size)
         self.vocab_size = vocab_size
         self.track_usage = bool(track_usage)
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
+        self.gated = gated
         self.balance_loss_weight = _check_weight("balance_loss_weight", balance_loss_weight)
         self.z_loss_weight = _check_weight("z_loss_weight", z_loss_weight)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -125,6 +135,15 @@ class SparseFFN(nn.Module):
         else:
             self.register_parameter("key_bias", None)
             self.register_parameter("out_bias", None)
+        if gated:
+            self.gate_weight = nn.Parameter(torch.empty(d_ff, d_model, **factory))
+            if bias:
+                self.gate_bias = nn.Parameter(torch.empty(d_ff, **factory))
+            else:
+                self.register_parameter("gate_bias", None)
+        else:
+            self.register_parameter("gate_weight", None)
+            self.register_parameter("gate_bias", None)
         if selection in ROUTER_METHODS:
             self.router_weight = nn.Parameter(torch.empty(self.n_blocks, d_model, **factory))
         else:
@@ -161,8 +180,9 @@ class SparseFFN(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation of fc1 (d_model -> d_ff) and fc2 (d_ff -> d_model):
-        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases alike; a router (switch,
-        moe) gets Switch Transformer's truncated normal, std sqrt(0.1 / d_model)."""
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases alike (a gated layer's gate
+        table as fc1); a router (switch, moe) gets Switch Transformer's truncated normal,
+        std sqrt(0.1 / d_model)."""
         bound1, bound2 = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_ff)
         with torch.no_grad():
             self.key_weight.uniform_(-bound1, bound1)
@@ -170,6 +190,10 @@ class SparseFFN(nn.Module):
             if self.key_bias is not None:
                 self.key_bias.uniform_(-bound1, bound1)
                 self.out_bias.uniform_(-bound2, bound2)
+            if self.gate_weight is not None:
+                self.gate_weight.uniform_(-bound1, bound1)
+            if self.gate_bias is not None:
+                self.gate_bias.uniform_(-bound1, bound1)
         if self.router_weight is not None:
             init_router_(self.router_weight)
 
@@ -201,6 +225,51 @@ class SparseFFN(nn.Module):
                     getattr(ffn, name).copy_(src)
         return ffn
 
+    @classmethod
+    def from_dense_gated(cls, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, *,
+                         block_size: int, top_k: int, activation: str = "silu",
+                         **kwargs) -> SparseFFN:
+        """A gated SparseFFN holding copies of a dense gated FFN's weights:
+        ``down_proj(act(gate_proj(x)) * up_proj(x))`` (LLaMA's MLP with ``activation="silu"``,
+        GeGLU with ``"gelu"``).
+
+        ``gate_proj`` and ``up_proj`` must be ``nn.Linear(d_model, d_ff)`` and ``down_proj``
+        ``nn.Linear(d_ff, d_model)``. At ``top_k == d_ff // block_size`` the result equals the
+        dense gated FFN. A bias missing from a layer stays None here (LLaMA has none).
+
+        Example:
+            >>> mlp = model.model.layers[0].mlp   # a LlamaMLP
+            >>> ffn = sfnn.SparseFFN.from_dense_gated(mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+            ...                                       block_size=64, top_k=32)
+        """
+        for name, lin in (("gate_proj", gate_proj), ("up_proj", up_proj),
+                          ("down_proj", down_proj)):
+            if not isinstance(lin, nn.Linear):
+                raise TypeError(f"{name} must be nn.Linear, got {type(lin).__name__}")
+        d_ff, d_model = gate_proj.weight.shape
+        if tuple(up_proj.weight.shape) != (d_ff, d_model):
+            raise ValueError(f"up_proj must map d_model={d_model} -> d_ff={d_ff} like gate_proj; "
+                             f"got weight {tuple(up_proj.weight.shape)}")
+        if tuple(down_proj.weight.shape) != (d_model, d_ff):
+            raise ValueError(f"down_proj must map d_ff={d_ff} -> d_model={d_model}; got weight "
+                             f"{tuple(down_proj.weight.shape)}")
+        if "gated" in kwargs:
+            raise TypeError("from_dense_gated always builds a gated layer: drop gated=")
+        w = gate_proj.weight
+        ffn = cls(d_model, d_ff, block_size=block_size, top_k=top_k, activation=activation,
+                  bias=True, gated=True, device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            ffn.gate_weight.copy_(gate_proj.weight)
+            ffn.key_weight.copy_(up_proj.weight)
+            ffn.value_weight.copy_(down_proj.weight.t())
+            for name, src in (("gate_bias", gate_proj.bias), ("key_bias", up_proj.bias),
+                              ("out_bias", down_proj.bias)):
+                if src is None:
+                    setattr(ffn, name, None)
+                else:
+                    getattr(ffn, name).copy_(src)
+        return ffn
+
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(..., d_model) -> (..., d_model). ``token_ids`` (x's leading shape, integer in
         [0, vocab_size)) are needed by ``selection="hash"`` and ignored otherwise."""
@@ -216,7 +285,8 @@ class SparseFFN(nn.Module):
             means_cache=self._serving_cache() if self.selection == "avgk" else None,
             selection=self.selection, router_weight=self.router_weight, token_ids=token_ids,
             hash_table=self.hash_table, seed=seed, balance_loss_weight=self.balance_loss_weight,
-            z_loss_weight=self.z_loss_weight, return_selection=True)
+            z_loss_weight=self.z_loss_weight, return_selection=True,
+            gate_keys=self.gate_weight, gate_bias=self.gate_bias)
         self._last_aux_loss = sel.aux_loss
         if self.track_usage:
             accumulate_usage(self.usage_counts, sel.indices)
@@ -253,8 +323,9 @@ class SparseFFN(nn.Module):
     def _serving_cache(self) -> BlockMeansCache | None:
         """The cache this call may use: in eval mode, and only for the layer's own stored keys
         (not a parametrization's or functional_call's tensors, which are new on every call and
-        would each be kept alive by the entry)."""
-        if self.training or not isinstance(self._parameters.get("key_weight"), nn.Parameter):
+        would each be kept alive by the entry). A gated layer's means are the gate table's."""
+        scored = "gate_weight" if self.gated else "key_weight"
+        if self.training or not isinstance(self._parameters.get(scored), nn.Parameter):
             return None
         return self.means_cache
 
@@ -285,8 +356,10 @@ class SparseFFN(nn.Module):
             self.means_cache = BlockMeansCache()
         for name, default in (("selection", "avgk"), ("vocab_size", None), ("track_usage", False),
                               ("balance_loss_weight", 0.01), ("z_loss_weight", 0.0),
-                              ("seed", 0), ("_last_aux_loss", None)):
+                              ("seed", 0), ("_last_aux_loss", None), ("gated", False)):
             self.__dict__.setdefault(name, default)
+        for name in ("gate_weight", "gate_bias"):  # pickled before gated layers existed
+            self._parameters.setdefault(name, None)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, block_size={self.block_size}, "
@@ -294,7 +367,8 @@ class SparseFFN(nn.Module):
                 f"key_bias={self.key_bias is not None}, out_bias={self.out_bias is not None}, "
                 f"backend={self.backend!r}, selection={self.selection!r}"
                 + (f", vocab_size={self.vocab_size}" if self.selection == "hash" else "")
-                + (", track_usage=True" if self.track_usage else ""))
+                + (", track_usage=True" if self.track_usage else "")
+                + (", gated=True" if self.gated else ""))
 
 
 def _clear_means_cache(module, incompatible_keys) -> None:

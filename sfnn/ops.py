@@ -6,15 +6,26 @@ Every backend provides the same functions (the backend protocol):
   in float32 (float64 for float64 keys: only the torch path receives float64)
 - ``select_blocks(x2d, kbar, bbar, top_k) -> int32 (T, top_k)``
 - ``block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size, activation,
-  save_for_backward, deterministic) -> (y, saved, route)``: ``saved`` holds what the backward
-  needs of the activations (empty when not saving), ``route`` is the backend's routing of the
-  (token, slot) pairs kept for the backward (int32, empty when the backend keeps none; its
-  length is ``route_numel(T, top_k, n_blocks, deterministic)``)
+  save_for_backward, deterministic, gate_keys=None, gate_bias=None) -> (y, saved, route)``:
+  ``saved`` holds what the backward needs of the activations (empty when not saving), ``route``
+  is the backend's routing of the (token, slot) pairs kept for the backward (int32, empty when
+  the backend keeps none; its length is ``route_numel(T, top_k, n_blocks, deterministic)``)
 - ``block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route, *, block_size,
-  activation, deterministic, needs) -> (dx, dkeys, dvalues, dkey_bias, dgates)``: ``needs`` is
-  one bool per output (:data:`GRAD_NAMES` order); an output not needed (or of an absent input)
-  is None, and the work only it needs is skipped
+  activation, deterministic, needs, gate_keys=None, gate_bias=None) -> (dx, dkeys, dvalues,
+  dkey_bias, dgates, dgate_keys, dgate_bias)``: ``needs`` is one bool per output
+  (:data:`GRAD_NAMES` order); an output not needed (or of an absent input) is None, and the
+  work only it needs is skipped
 - ``route_numel(T, top_k, n_blocks, deterministic) -> int``
+
+Gated FFNs (SwiGLU, GeGLU): with ``gate_keys`` (d_ff, d_model) (and optionally ``gate_bias``
+(d_ff,)) the cell is ``h_i = act(x.kg_i + bg_i) * (x.ku_i + bu_i)``, ``keys``/``key_bias``
+being the *up* table (linear) and ``gate_keys``/``gate_bias`` the gate table (act applies to
+it); Avg-K then scores ``block_means(gate_keys, gate_bias)``. The torch path's ``saved`` for a
+gated call is (T * top_k, 2 * g), ``[A_gate | A_up]`` per (token, slot) row in block order.
+Only the backends in :data:`GATED_BACKENDS` take gated calls (:func:`has_gated`); the others are
+called with the plain protocol (no ``gate_*`` arguments, five ``needs`` flags, five gradients
+back: the op layer pads the last two), and an explicit gated call to one raises
+NotImplementedError.
 
 They receive contiguous tensors with T >= 1. The ops registered here (namespace ``sfnn``) wrap
 them so that ``torch.compile`` traces the layer without graph breaks: ``sfnn::block_means``,
@@ -32,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from types import SimpleNamespace
 
 import torch
@@ -44,7 +54,14 @@ Tensor = torch.Tensor
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "reference")
 # The gradients block_ffn_bwd returns, in order (out_bias's is dy.sum(0), taken by the op layer).
-GRAD_NAMES = ("x", "keys", "values", "key_bias", "gates")
+GRAD_NAMES = ("x", "keys", "values", "key_bias", "gates", "gate_keys", "gate_bias")
+# The plain FFN's gradients: what a backend without a gated path computes and returns.
+PLAIN_GRAD_NAMES = GRAD_NAMES[:5]
+# The backends with a gated path (gate_keys=/gate_bias= in block_ffn_fwd/bwd, seven gradients).
+# The CUDA extension's decode kernels have the gated gather-GEMV (forward only); Triton's gated
+# kernels are triton_kernels/gated_ffn.py. A backend left out of this set gets no gated call:
+# backend="auto" routes gated calls to the next backend that has one (torch in the end).
+GATED_BACKENDS = frozenset({"torch", "cuda", "triton"})
 # The CUDA extension serves decoding: at most this many tokens under backend="auto".
 CUDA_DECODE_MAX_TOKENS = 15
 
@@ -88,7 +105,13 @@ def _cuda_ext():
 
 
 def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether sfnn's Triton kernels run in Triton's interpreter (the one flag,
+    ``triton_kernels._common.INTERPRET``; False where triton is not installed)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from .triton_kernels._common import INTERPRET
+
+    return INTERPRET
 
 
 def _cuda_backend() -> SimpleNamespace:
@@ -96,9 +119,11 @@ def _cuda_backend() -> SimpleNamespace:
     ext = _cuda_ext()
 
     def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
-                      activation, save_for_backward, deterministic):
+                      activation, save_for_backward, deterministic, gate_keys=None,
+                      gate_bias=None):
         y = ext.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates,
-                           block_size=block_size, activation=activation)
+                           block_size=block_size, activation=activation, gate_keys=gate_keys,
+                           gate_bias=gate_bias)
         return y, x2d.new_empty(0), indices.new_empty(0)
 
     def block_ffn_bwd(*args, **kwargs):
@@ -131,23 +156,41 @@ def backend_unavailable_reason(backend: str, device: torch.device,
     if device.type != "cuda":
         return f"backend='cuda' needs CUDA tensors (got {device.type} tensors)"
     ext = _cuda_ext()
-    return None if ext.available() else ext.unavailable_reason()
+    return ext.device_unsupported_reason(device) if ext.available() else ext.unavailable_reason()
+
+
+def has_gated(backend: str) -> bool:
+    """True when ``backend`` computes gated FFNs (gate_keys=): the one capability check that
+    :func:`resolve_backend` and the registered ops consult (see :data:`GATED_BACKENDS`)."""
+    return backend == "reference" or backend in GATED_BACKENDS
+
+
+def gated_unsupported_message(backend: str) -> str:
+    return (f"backend={backend!r} has no gated FFN (SwiGLU/GeGLU, gate_keys=) path yet; use "
+            "backend='torch', or 'auto', which routes gated calls to a backend that has one")
 
 
 def resolve_backend(backend: str, device: torch.device, n_tokens: int, needs_grad: bool,
-                    dtype: torch.dtype | None = None) -> str:
+                    dtype: torch.dtype | None = None, *, gated: bool = False) -> str:
     """The concrete backend for a call. ``auto``: on CUDA tensors the CUDA extension for a few
     tokens without gradients when it is built, else Triton when it imports; otherwise torch.
-    float64 always goes to torch (the kernels accumulate in float32). An explicit backend that
-    cannot run raises RuntimeError saying why."""
+    float64 always goes to torch (the kernels accumulate in float32). A gated call (``gated``)
+    goes only to a backend with a gated path (:func:`has_gated`): under ``auto`` the first of
+    those choices that has one, else torch. An explicit backend that cannot run raises
+    RuntimeError saying why; one without a gated path, given a gated call, raises
+    NotImplementedError."""
     if backend == "auto":
         if device.type == "cuda" and dtype != torch.float64:
             if (n_tokens <= CUDA_DECODE_MAX_TOKENS and not needs_grad
+                    and (not gated or has_gated("cuda"))
                     and backend_unavailable_reason("cuda", device, dtype) is None):
                 return "cuda"
-            if backend_unavailable_reason("triton", device, dtype) is None:
+            if ((not gated or has_gated("triton"))
+                    and backend_unavailable_reason("triton", device, dtype) is None):
                 return "triton"
         return "torch"
+    if gated and backend in BACKENDS and not has_gated(backend):
+        raise NotImplementedError(gated_unsupported_message(backend))
     reason = backend_unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise RuntimeError(reason)
@@ -213,12 +256,15 @@ def _(x2d, kbar, bbar, top_k, backend):
     return x2d.new_empty(x2d.shape[0], top_k, dtype=torch.int32)
 
 
-def _saved_shape(x2d: Tensor, indices: Tensor, block_size: int, save: bool, backend: str):
+def _saved_shape(x2d: Tensor, indices: Tensor, block_size: int, save: bool, backend: str,
+                 gated: bool = False):
     """Shape of the tensor the forward keeps for the backward: the selected pre-activations,
-    (T * top_k, block_size), when saved; the CUDA path keeps nothing."""
+    (T * top_k, block_size), when saved ((T * top_k, 2 * block_size), ``[A_gate | A_up]``, for a
+    gated call: a Triton gated path that keeps another layout says so here); the CUDA path
+    keeps nothing."""
     if not save or backend == "cuda" or x2d.shape[0] == 0:
         return (0,)
-    return (indices.numel(), block_size)
+    return (indices.numel(), 2 * block_size if gated else block_size)
 
 
 def _route_shape(x2d: Tensor, indices: Tensor, n_blocks: int, save: bool, backend: str,
@@ -228,27 +274,45 @@ def _route_shape(x2d: Tensor, indices: Tensor, n_blocks: int, save: bool, backen
     return (_impl(backend).route_numel(x2d.shape[0], indices.shape[1], n_blocks, deterministic),)
 
 
+def _check_gated_backend(backend: str, gate_keys: Tensor | None, gate_bias: Tensor | None):
+    if gate_keys is None:
+        if gate_bias is not None:
+            raise ValueError("gate_bias is the gate table's bias: it needs gate_keys")
+        return
+    if not has_gated(backend):
+        raise NotImplementedError(gated_unsupported_message(backend))
+
+
 @torch.library.custom_op("sfnn::block_ffn", mutates_args=())
 def block_ffn_op(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
                  key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None,
                  block_size: int, activation: str, backend: str, deterministic: bool,
-                 save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 save_for_backward: bool, gate_keys: Tensor | None = None,
+                 gate_bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(y (T, d_model), saved, route): the block FFN over the given block indices, and what the
-    backward reuses (empty when ``save_for_backward`` is False)."""
+    backward reuses (empty when ``save_for_backward`` is False). With ``gate_keys`` the gated
+    FFN (``keys``/``key_bias`` the up table); only on a backend with a gated path."""
+    _check_gated_backend(backend, gate_keys, gate_bias)
     T, d_model = x2d.shape
     if T == 0:
         return x2d.new_zeros(0, d_model), x2d.new_empty(0), indices.new_empty(0)
+    gated = {}
+    if gate_keys is not None:  # a backend without a gated path keeps the plain signature
+        gated = dict(gate_keys=gate_keys.contiguous(), gate_bias=_contig(gate_bias))
     y, saved, route = _impl(backend).block_ffn_fwd(
         x2d.contiguous(), keys.contiguous(), values.contiguous(), indices.contiguous(),
         _contig(key_bias), _contig(out_bias), _contig(gates), block_size=block_size,
-        activation=activation, save_for_backward=save_for_backward, deterministic=deterministic)
+        activation=activation, save_for_backward=save_for_backward, deterministic=deterministic,
+        **gated)
     return y, saved, route
 
 
 @block_ffn_op.register_fake
 def _(x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
-      deterministic, save_for_backward):
-    saved = _saved_shape(x2d, indices, block_size, save_for_backward, backend)
+      deterministic, save_for_backward, gate_keys=None, gate_bias=None):
+    _check_gated_backend(backend, gate_keys, gate_bias)
+    saved = _saved_shape(x2d, indices, block_size, save_for_backward, backend,
+                         gate_keys is not None)
     route = _route_shape(x2d, indices, keys.shape[0] // block_size, save_for_backward, backend,
                          deterministic)
     return x2d.new_empty(x2d.shape), x2d.new_empty(saved), indices.new_empty(route)
@@ -259,57 +323,78 @@ def block_ffn_backward_op(dy: Tensor, x2d: Tensor, keys: Tensor, values: Tensor,
                           key_bias: Tensor | None, gates: Tensor | None, saved: Tensor,
                           route: Tensor, block_size: int, activation: str, backend: str,
                           deterministic: bool, needs: list[bool],
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dkeys, dvalues, dkey_bias, dgates) in :data:`GRAD_NAMES` order; a gradient not in
-    ``needs`` (or of an absent input) is an empty tensor."""
-    needs = _effective_needs(needs, key_bias, gates)
+                          gate_keys: Tensor | None = None, gate_bias: Tensor | None = None,
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dkeys, dvalues, dkey_bias, dgates, dgate_keys, dgate_bias) in :data:`GRAD_NAMES`
+    order; a gradient not in ``needs`` (or of an absent input) is an empty tensor."""
+    _check_gated_backend(backend, gate_keys, gate_bias)
+    needs = _effective_needs(needs, key_bias, gates, gate_keys, gate_bias)
+    inputs = (x2d, keys, values, key_bias, gates, gate_keys, gate_bias)
     if x2d.shape[0] == 0:
-        grads = (torch.zeros_like(x2d), torch.zeros_like(keys), torch.zeros_like(values),
-                 None if key_bias is None else torch.zeros_like(key_bias),
-                 None if gates is None else torch.zeros_like(gates))
-        grads = tuple(g if need else None for g, need in zip(grads, needs, strict=True))
-    else:
+        grads = tuple(torch.zeros_like(t) if need else None
+                      for t, need in zip(inputs, needs, strict=True))
+    elif gate_keys is not None:
         grads = _impl(backend).block_ffn_bwd(
             dy.contiguous(), x2d.contiguous(), keys.contiguous(), values.contiguous(),
             indices.contiguous(), _contig(key_bias), _contig(gates), saved, route,
             block_size=block_size, activation=activation, deterministic=deterministic,
-            needs=needs)
-    likes = (x2d, keys, values, keys, x2d)
+            needs=needs, gate_keys=gate_keys.contiguous(), gate_bias=_contig(gate_bias))
+    else:
+        impl = _impl(backend)
+        plain = not has_gated(backend)  # the plain protocol: five flags, five gradients
+        grads = impl.block_ffn_bwd(
+            dy.contiguous(), x2d.contiguous(), keys.contiguous(), values.contiguous(),
+            indices.contiguous(), _contig(key_bias), _contig(gates), saved, route,
+            block_size=block_size, activation=activation, deterministic=deterministic,
+            needs=needs[:len(PLAIN_GRAD_NAMES)] if plain else needs)
+        grads = tuple(grads) + (None,) * (len(GRAD_NAMES) - len(grads))
+    likes = (x2d, keys, values, keys, x2d, keys, keys)
     return tuple(_empty_if_none(g, like) for g, like in zip(grads, likes, strict=True))
 
 
 @block_ffn_backward_op.register_fake
 def _(dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size, activation,
-      backend, deterministic, needs):
-    needs = _effective_needs(needs, key_bias, gates)
-    outs = (x2d, keys, values, key_bias, gates)
-    likes = (x2d, keys, values, keys, x2d)
+      backend, deterministic, needs, gate_keys=None, gate_bias=None):
+    _check_gated_backend(backend, gate_keys, gate_bias)
+    needs = _effective_needs(needs, key_bias, gates, gate_keys, gate_bias)
+    outs = (x2d, keys, values, key_bias, gates, gate_keys, gate_bias)
+    likes = (x2d, keys, values, keys, x2d, keys, keys)
     return tuple(torch.empty_like(t) if need else like.new_empty(0)
                  for t, need, like in zip(outs, needs, likes, strict=True))
 
 
-def _effective_needs(needs, key_bias, gates) -> tuple[bool, ...]:
-    """``needs`` with the gradients of absent inputs turned off."""
+def _effective_needs(needs, key_bias, gates, gate_keys=None, gate_bias=None) -> tuple[bool, ...]:
+    """``needs`` (one flag per :data:`GRAD_NAMES`) with the gradients of absent inputs off."""
     if len(needs) != len(GRAD_NAMES):
         raise ValueError(f"needs must hold {len(GRAD_NAMES)} flags {GRAD_NAMES}, got {needs}")
-    dx, dkeys, dvalues, dkb, dgates = (bool(n) for n in needs)
-    return dx, dkeys, dvalues, dkb and key_bias is not None, dgates and gates is not None
+    present = (True, True, True, key_bias is not None, gates is not None, gate_keys is not None,
+               gate_bias is not None)
+    return tuple(bool(n) and p for n, p in zip(needs, present, strict=True))
 
 
 def block_ffn_composite(x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
                         key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None,
-                        block_size: int, activation: str) -> Tensor:
+                        block_size: int, activation: str, gate_keys: Tensor | None = None,
+                        gate_bias: Tensor | None = None) -> Tensor:
     """y (T, d_model): the torch path's forward called outside the registered op, so that its
     torch ops are what autograd, forward-mode AD and ``torch.func`` differentiate (to any order).
 
     Same block-grouped GEMMs as ``backend="torch"`` (sparse cost, any device), but the block loop
     runs on the host and its routing is data-dependent: it serves where the registered ops cannot
     (forward-mode AD, ``torch.func.grad``/``jvp``, double backward), not for speed.
-    ``indices`` is int32 (T, top_k); ``gates`` (T, top_k) in the accumulation dtype or None.
+    ``indices`` is int32 (T, top_k); ``gates`` (T, top_k) in the accumulation dtype or None;
+    ``gate_keys``/``gate_bias`` make it the gated FFN.
     """
-    y, _, _ = torch_path.block_ffn_fwd(
+    if gate_keys is not None:
+        y, _, _ = torch_path.gated_block_ffn_fwd(
+            x2d, keys, values, indices, key_bias, out_bias, gates, block_size=block_size,
+            activation=activation, save_for_backward=False, gate_keys=gate_keys,
+            gate_bias=gate_bias)
+        return y
+    # the grouped loop of torch ops: the CPU kernel and the few-token path are not differentiable
+    y, _, _ = torch_path.grouped_block_ffn_fwd(
         x2d, keys, values, indices, key_bias, out_bias, gates, block_size=block_size,
-        activation=activation, save_for_backward=False, deterministic=True)
+        activation=activation, save_for_backward=False)
     return y
 
 
@@ -351,50 +436,56 @@ def transform_route(*tensors: Tensor | None) -> str | None:
 
 
 def _block_ffn_setup_context(ctx, inputs, output):
+    # Trailing arguments left at their defaults (gate_keys, gate_bias = None) may be absent,
+    # here and in ctx.needs_input_grad.
     (x2d, keys, values, indices, key_bias, out_bias, gates, block_size, activation, backend,
-     deterministic, _save) = inputs
-    ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1], output[2])
+     deterministic, _save, gate_keys, gate_bias) = tuple(inputs) + (None,) * (14 - len(inputs))
+    ctx.save_for_backward(x2d, keys, values, indices, key_bias, gates, output[1], output[2],
+                          gate_keys, gate_bias)
     ctx.config = (block_size, activation, backend, deterministic)
 
 
 def _differentiable_grads(dy, x2d, keys, values, indices, key_bias, gates, needs, block_size,
-                          activation):
+                          activation, gate_keys=None, gate_bias=None):
     """The gradients as functions of the inputs and ``dy`` (``create_graph=True``): the composite
     forward is recomputed and differentiated by autograd, so a second backward has a graph."""
-    inputs = (x2d, keys, values, key_bias, gates)
+    inputs = (x2d, keys, values, key_bias, gates, gate_keys, gate_bias)
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
     with torch.enable_grad():
         y = block_ffn_composite(x2d, keys, values, indices, key_bias, None, gates, block_size,
-                                activation)
+                                activation, gate_keys, gate_bias)
     got = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True,
                                    materialize_grads=True))
     return tuple(next(got) if need else None for need in needs)
 
 
 def _block_ffn_backward(ctx, dy, _dsaved, _droute):
-    x2d, keys, values, indices, key_bias, gates, saved, route = ctx.saved_tensors
+    x2d, keys, values, indices, key_bias, gates, saved, route, gate_keys, gate_bias = \
+        ctx.saved_tensors
     block_size, activation, backend, deterministic = ctx.config
-    need = ctx.needs_input_grad
-    needs = _effective_needs([need[0], need[1], need[2], need[4], need[6]], key_bias, gates)
+    need = tuple(ctx.needs_input_grad) + (False,) * (14 - len(ctx.needs_input_grad))
+    needs = _effective_needs([need[0], need[1], need[2], need[4], need[6], need[12], need[13]],
+                             key_bias, gates, gate_keys, gate_bias)
     if torch.is_grad_enabled() and any(needs):
         # Autograd runs a backward with grad mode on only under create_graph=True: the
         # gradients must be differentiable, which the kernels' gradients are not.
         grads = _differentiable_grads(dy, x2d, keys, values, indices, key_bias, gates, needs,
-                                      block_size, activation)
+                                      block_size, activation, gate_keys, gate_bias)
     elif any(needs):
         grads = block_ffn_backward_op(
             dy, x2d, keys, values, indices, key_bias, gates, saved, route, block_size,
-            activation, backend, deterministic, list(needs))
+            activation, backend, deterministic, list(needs), gate_keys, gate_bias)
         grads = tuple(g if n else None for g, n in zip(grads, needs, strict=True))
     else:  # only out_bias needs a gradient: the kernels have nothing to do
         grads = (None,) * len(GRAD_NAMES)
-    dx, dkeys, dvalues, dkb, dgates = grads
+    dx, dkeys, dvalues, dkb, dgates, dgate_keys, dgate_bias = grads
     dout_bias = None
     if need[5]:
         dout_bias = dy.sum(0, dtype=means_dtype(dy.dtype)).to(dy.dtype)
     if dgates is not None:
         dgates = dgates.to(gates.dtype)
-    return (dx, dkeys, dvalues, None, dkb, dout_bias, dgates, None, None, None, None, None)
+    return (dx, dkeys, dvalues, None, dkb, dout_bias, dgates, None, None, None, None, None,
+            dgate_keys, dgate_bias)[:len(ctx.needs_input_grad)]
 
 
 block_ffn_op.register_autograd(_block_ffn_backward, setup_context=_block_ffn_setup_context)

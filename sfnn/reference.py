@@ -85,30 +85,68 @@ def block_ffn_ref(
     out_bias: torch.Tensor | None = None,
     gates: torch.Tensor | None = None,
     activation: str = "relu",
+    gate_keys: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The block FFN over given block indices, dense-masked.
 
     ``y_t = sum_j gate[t, j] * sum_{i in block indices[t, j]} act(x_t . k_i + b_i) v_i + out_bias``
-    (a block chosen in two slots counts twice; without gates every gate is 1).
+    (a block chosen in two slots counts twice; without gates every gate is 1). With
+    ``gate_keys`` the gated FFN: ``act(x_t . k_i + b_i)`` becomes
+    ``act(x_t . kg_i + bg_i) * (x_t . k_i + b_i)`` (``keys``/``key_bias`` the up table).
 
-    x: (T, d_model); keys, values: (d_ff, d_model); indices: (T, top_k) integer;
-    key_bias: (d_ff,); out_bias: (d_model,); gates: (T, top_k). Returns (T, d_model) in x's dtype.
+    x: (T, d_model); keys, values, gate_keys: (d_ff, d_model); indices: (T, top_k) integer;
+    key_bias, gate_bias: (d_ff,); out_bias: (d_model,); gates: (T, top_k). Returns (T, d_model)
+    in x's dtype.
     """
     d_ff = keys.shape[0]
     pre = x @ keys.t()  # [T, d_ff]
     if key_bias is not None:
         pre = pre + key_bias
+    if gate_keys is not None:
+        pre_gate = x @ gate_keys.t()
+        if gate_bias is not None:
+            pre_gate = pre_gate + gate_bias
+        cell = apply_activation(pre_gate, activation) * pre
+    else:
+        cell = apply_activation(pre, activation)
     weight = block_weights_ref(indices, d_ff // block_size, gates, pre.dtype)
     weight = weight.repeat_interleave(block_size, dim=1)  # [T, d_ff]
     # Selection comes from the indices alone, so a gate of exactly 0 still passes its gradient.
     chosen = block_weights_ref(indices, d_ff // block_size, None, torch.float32)
     selected = chosen.repeat_interleave(block_size, dim=1) > 0
     # where(), not a product: an unselected cell of a NaN token must stay out of every sum.
-    h = torch.where(selected, apply_activation(pre, activation) * weight, torch.zeros_like(pre))
+    h = torch.where(selected, cell * weight, torch.zeros_like(pre))
     y = h @ values
     if out_bias is not None:
         y = y + out_bias
     return y
+
+
+def dense_gated_ffn_ref(
+    x: torch.Tensor,
+    gate_keys: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    gate_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """The dense gated FFN, ``down(act(gate(x)) * up(x))``, written out with no selection: the
+    oracle a gated layer with ``top_k == n_blocks`` must equal.
+
+    x: (..., d_model); gate_keys, keys (the up table), values: (d_ff, d_model) (gate_proj.weight,
+    up_proj.weight, down_proj.weight.T); biases (d_ff,), (d_ff,), (d_model,) or None."""
+    a_g = x @ gate_keys.t()
+    if gate_bias is not None:
+        a_g = a_g + gate_bias
+    a_u = x @ keys.t()
+    if key_bias is not None:
+        a_u = a_u + key_bias
+    y = (apply_activation(a_g, activation) * a_u) @ values
+    return y if out_bias is None else y + out_bias
 
 
 def router_logits_ref(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
@@ -221,10 +259,13 @@ def sparse_ffn_ref(
     hash_table: torch.Tensor | None = None,
     seed=None,
     return_selection: bool = False,
+    gate_keys: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ):
     """Selection (Avg-K by default, or any method of :func:`select_ref`) followed by the
     dense-masked block FFN with the method's gates. x: (..., d_model) -> same shape; token_ids:
-    x's leading shape (hash).
+    x's leading shape (hash). With ``gate_keys`` (and ``gate_bias``) the gated FFN, whose Avg-K
+    scores the gate table's block means.
 
     With ``return_selection``: ``(y, indices (..., top_k), gates (..., top_k) or None,
     balance_loss, z_loss)``.
@@ -232,13 +273,15 @@ def sparse_ffn_ref(
     x2d = x.reshape(-1, x.shape[-1])
     ids = None if token_ids is None else token_ids.reshape(-1)
     indices, gates, bal, z = select_ref(
-        x2d, selection, top_k=top_k, n_blocks=keys.shape[0] // block_size, keys=keys,
-        key_bias=key_bias, block_size=block_size, router_weight=router_weight, token_ids=ids,
-        hash_table=hash_table, seed=seed,
+        x2d, selection, top_k=top_k, n_blocks=keys.shape[0] // block_size,
+        keys=keys if gate_keys is None else gate_keys,
+        key_bias=key_bias if gate_keys is None else gate_bias, block_size=block_size,
+        router_weight=router_weight, token_ids=ids, hash_table=hash_table, seed=seed,
     )
     y = block_ffn_ref(
         x2d, keys, values, indices, block_size=block_size, key_bias=key_bias,
-        out_bias=out_bias, gates=gates, activation=activation,
+        out_bias=out_bias, gates=gates, activation=activation, gate_keys=gate_keys,
+        gate_bias=gate_bias,
     ).reshape(x.shape)
     if not return_selection:
         return y

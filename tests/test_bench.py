@@ -116,18 +116,45 @@ def test_cost_model_matches_spec():
     assert fwd["useful_flops"] == 4 * T * d * k * g
     assert fwd["floor_flops"] == 4 * T * d * k * g + 2 * T * d * nb + d_ff * d
     assert fwd["dense_flops"] == 4 * T * d * d_ff
-    combine = 2 * T * k * d * es  # top_k partials of d_model per token, out and back
-    assert fwd["floor_bytes"] > combine + 2 * d_ff * d * es
+    # The combine as the kernels do it: an fp32 read-modify-write (8 bytes) per partial element.
+    assert fwd["combine_bytes"] == 8 * T * k * d
+    assert fwd["floor_bytes"] > 2 * T * d * 4 + 2 * d_ff * d * es  # accumulator + weights
     bwd = sweep.cost_model(sweep.Case(T, d, d_ff, g, k, "backward"), distinct_blocks=nb)
     assert bwd["useful_flops"] == 2 * fwd["useful_flops"]
+    assert bwd["combine_bytes"] == 8 * T * k * d  # dx
     full = sweep.cost_model(sweep.Case(T, d, d_ff, g, k, "forward+backward"), nb)
     assert full["useful_flops"] == 3 * fwd["useful_flops"]
     assert full["floor_bytes"] == fwd["floor_bytes"] + bwd["floor_bytes"]
+    assert full["combine_bytes"] == fwd["combine_bytes"] + bwd["combine_bytes"]
+    one = sweep.cost_model(sweep.Case(T, d, d_ff, g, 1, "forward"), distinct_blocks=nb)
+    assert one["combine_bytes"] == 0  # one block per token: nothing to combine
     dec = sweep.cost_model(sweep.Case(2, d, d_ff, g, k, "decode"), distinct_blocks=2 * k)
     # Decoding keeps kbar cached and reads only the selected blocks' rows.
     assert dec["floor_flops"] == 4 * 2 * d * k * g + 2 * 2 * d * nb
     assert dec["floor_bytes"] < 2 * d_ff * d * es
     assert sweep.top_k_for(8192, 64, 1 / 8) == 16 and sweep.top_k_for(2048, 256, 1 / 32) is None
+    l2, hbm = sweep.floors(fwd, tflops=1e-3, gbs=1.0, cache_gbs=4.0)
+    assert l2 == pytest.approx(max(fwd["floor_flops"] / 1e9, fwd["floor_bytes"] / 1e9,
+                                   fwd["combine_bytes"] / 4e9))
+    assert hbm == pytest.approx(max(fwd["floor_flops"] / 1e9,
+                                    (fwd["floor_bytes"] + fwd["combine_bytes"]) / 1e9))
+    assert hbm >= l2
+
+
+def test_model_prints_every_phase_for_both_schedules_and_v1(capsys):
+    assert sweep.main(["--model"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("scoring", "routing", "fwd pre-activation", "fwd output", "dh", "dx", "dW"):
+        assert f"| {phase} " in out, phase
+    for g in (64, 128):
+        assert f"T=16384 d_model=4096 d_ff=32768 g={g} " in out
+    assert out.count("v2 tile") == 2 and out.count("v2 slice") == 2 and out.count(" v1 |") == 2
+    from sweeplib.model import ratios
+
+    r = ratios()
+    for g in (64, 128):
+        # The L2 schedule beats the fused one at this shape, and both beat the v1 kernels.
+        assert r[(g, "v2 slice")] > r[(g, "v2 tile")] > r[(g, "v1")] > 1.0
 
 
 def test_smoke_sweep(tmp_path, capsys):
@@ -144,20 +171,40 @@ def test_smoke_sweep(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == sorted(OUTPUTS)
 
 
+@pytest.mark.slow  # ~2.5 min on 2 shared cores: the probe runs every kernel in the interpreter
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gpu"
     env = _env()
     env["PYTHON"] = sys.executable
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"],
-                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout
     _check_rows(_check_outputs(out))
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    # The device tool returns at most 8 plain files from the output folder.
+    assert files == sorted(["gpu_check.log", "steps.log", "gpu_probe.csv", "gpu_probe.md",
+                            *OUTPUTS]), files
     log = (out / "gpu_check.log").read_text()
     assert "== environment ==" in log and "torch:" in log and "nvidia-smi" in log
+    assert "probe: rc=0" in log and "sweep: rc=0" in log
+    # The probe's CPU side: every part ran (its atomic kernel checked its own sums) and every
+    # phase of both schedules has a row with the cost model beside it.
+    with open(out / "gpu_probe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    parts = {r["part"] for r in rows}
+    assert parts == {"atomics", "dense", "sparse"}, parts
+    for schedule, phases in (("tile", {"fwd fused"}),
+                             ("slice", {"fwd pre-activation", "fwd output"})):
+        got = {r["phase"] for r in rows if r["schedule"] == schedule}
+        want = {"scoring", "routing", "dh", "dx", "dW", "fwd+bwd"} | phases
+        assert want <= got, (schedule, want - got)
+        for r in rows:
+            if r["schedule"] == schedule and r["phase"] in want:
+                assert float(r["ms"]) > 0 and float(r["model_ms"]) > 0, r
+    md = (out / "gpu_probe.md").read_text()
+    assert md.startswith("# sfnn GPU probe: ") and "fp32 atomic adds" in md
 
 
 def test_cuda_timer_shape(monkeypatch):

@@ -39,7 +39,8 @@ def test_opcheck_registered_ops(backend):
     torch.library.opcheck(ops.block_ffn_op, args)
     y, saved, route = ops.block_ffn_op(x, keys, values, idx, kb, ob, gates, 16, "relu", backend,
                                        False, True)
-    for needs in ([True] * 5, [True, False, True, False, True], [False, True, False, True, False]):
+    for needs in ([True] * 7, [True, False, True, False, True, False, False],
+                  [False, True, False, True, False, False, False]):
         torch.library.opcheck(ops.block_ffn_backward_op,
                               (torch.randn_like(y), x, keys, values, idx, kb, gates, saved, route,
                                16, "relu", backend, False, needs))

@@ -42,15 +42,32 @@ def tiny_gpt2(seed: int = 0, activation: str = "gelu", head: bool = False):
     return cls(cfg).eval()
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=4, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+def _tiny_gated(family: str, seed: int = 0, **extra):
+    """A 2-layer LLaMA-family causal LM (gated MLPs: SiLU by default)."""
+    torch.manual_seed(seed)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
+    kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = config_cls(**{**kw, **extra})
+    return model_cls(cfg).eval()
 
 
-MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "gpt2": tiny_gpt2}
+def tiny_llama(seed: int = 0):
+    return _tiny_gated("llama", seed)
+
+
+def tiny_llama_geglu_bias(seed: int = 0):
+    """GeGLU (exact erf GELU) with biases on every projection: the gated layer's bias paths."""
+    return _tiny_gated("llama", seed, hidden_act="gelu", mlp_bias=True)
+
+
+MODELS = {"bert": tiny_bert, "roberta": tiny_roberta, "gpt2": tiny_gpt2, "llama": tiny_llama,
+          "llama-geglu-bias": tiny_llama_geglu_bias,
+          "mistral": lambda: _tiny_gated("mistral"), "qwen2": lambda: _tiny_gated("qwen2")}
 
 
 def ids(seed: int, batch: int = 3, length: int = 11) -> torch.Tensor:
@@ -115,13 +132,15 @@ def test_sparse_swap_matches_functional_layer(arch):
     ffn = converted(model)[0]
     x = torch.randn(2, 7, 48)
     want = sfnn.sparse_ffn(x, ffn.key_weight, ffn.value_weight, block_size=8, top_k=5,
-                           key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="gelu",
-                           backend="reference")
+                           key_bias=ffn.key_bias, out_bias=ffn.out_bias,
+                           activation=ffn.activation, backend="reference",
+                           gate_keys=ffn.gate_weight, gate_bias=ffn.gate_bias)
+    assert ffn.activation == ("silu" if arch in ("llama", "mistral", "qwen2") else "gelu")
     torch.testing.assert_close(ffn(x), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama", "llama-geglu-bias"])
 def test_swap_keeps_parameter_count_and_dtype(arch, dtype):
     dense = MODELS[arch]().to(dtype)
     model = copy.deepcopy(dense)
@@ -175,6 +194,68 @@ def test_gpt2_tanh_gelu_needs_an_explicit_activation():
     model = copy.deepcopy(dense)
     sfnn.convert(model, block_size=8, density=1.0, activation="gelu", progress=False)
     assert 1e-7 < max_diff(model, dense) < 1e-3  # exact GELU in place of the tanh form
+
+
+def test_llama_mlp_is_replaced_by_a_gated_layer_with_its_tables():
+    dense = tiny_llama_geglu_bias()
+    mlp = copy.deepcopy(dense.model.layers[0].mlp)
+    model = copy.deepcopy(dense)
+    sfnn.convert(model, block_size=8, density=1.0, cluster=False, progress=False)
+    ffn = model.model.layers[0].mlp
+    assert isinstance(ffn, ConvertedFFN) and ffn.gated and ffn.activation == "gelu"
+    for got, want in ((ffn.gate_weight, mlp.gate_proj.weight), (ffn.gate_bias, mlp.gate_proj.bias),
+                      (ffn.key_weight, mlp.up_proj.weight), (ffn.key_bias, mlp.up_proj.bias),
+                      (ffn.value_weight, mlp.down_proj.weight.t()),
+                      (ffn.out_bias, mlp.down_proj.bias)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(ffn(x), mlp(x), atol=1e-5, rtol=1e-5)
+    assert ffn.key_bias is not None
+    plain = copy.deepcopy(tiny_llama())  # LLaMA proper: no biases anywhere in the MLP
+    sfnn.convert(plain, block_size=8, top_k=3, progress=False)
+    for f in converted(plain):
+        assert f.gate_bias is None and f.key_bias is None and f.out_bias is None
+
+
+def test_gated_avgk_scores_the_gate_keys_and_clusters_by_them():
+    model = tiny_llama()
+    sfnn.convert(model, block_size=8, top_k=3, cluster=True, progress=False)
+    ffn = converted(model)[0]
+    x = torch.randn(9, 48)
+    kbar, bbar = sfnn.block_means(ffn.gate_weight, ffn.gate_bias, block_size=8)
+    want = sfnn.select_blocks(x, kbar, bbar, 3, backend="torch")
+    assert torch.equal(ffn.select(x), want)
+    # clustering grouped similar gate keys: blocks are tighter than the unclustered order's
+    raw = tiny_llama().model.layers[0].mlp.gate_proj.weight.detach()
+
+    def spread(keys):
+        z = torch.nn.functional.normalize(keys, dim=1).view(12, 8, -1)
+        return float((z - z.mean(1, keepdim=True)).pow(2).sum())
+    assert spread(ffn.gate_weight.detach()) < spread(raw)
+
+
+def test_llama_generate_unchanged_at_full_density_and_decodes_sparse():
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    sfnn.convert(model, block_size=8, density=1.0, progress=False)
+    prompt = ids(3, batch=1, length=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kw), dense.generate(prompt, **kw))
+    sparse = copy.deepcopy(dense)
+    sfnn.convert(sparse, block_size=8, top_k=3, progress=False)
+    out = sparse.generate(prompt, **kw)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
+
+
+def test_gated_calibrated_model_restores():
+    dense = tiny_llama()
+    model = copy.deepcopy(dense)
+    sfnn.convert(model, block_size=8, top_k=4, progress=False,
+                 calibration=Calibration(batches(5, n=2), allocate=True, distill_steps=2))
+    assert all(f.comp is not None and f.score_weight is not None for f in converted(model))
+    fresh = C.restore(transformers.LlamaForCausalLM(dense.config).eval(), model.state_dict())
+    assert all(f.gated for f in converted(fresh))
+    assert max_diff(fresh, model) == 0.0
 
 
 def test_layers_selects_ffns():
@@ -294,10 +375,14 @@ def test_set_tables_check_shapes():
         ffn.set_compensation(torch.zeros(4, 9))
 
 
-@pytest.fixture(scope="module")
-def calibrated_errors():
-    """Held-out relative error of tiny BERT at density 1/4 for each calibration method."""
-    dense = tiny_bert(seed=1, layers=3, d_ff=192)
+@pytest.fixture(scope="module", params=["bert", "llama"])
+def calibrated_errors(request):
+    """Held-out relative error of a tiny 3-layer model at density 1/4 for each calibration
+    method: BERT, and LLaMA (gated MLPs)."""
+    if request.param == "bert":
+        dense = tiny_bert(seed=1, layers=3, d_ff=192)
+    else:
+        dense = _tiny_gated("llama", 1, num_hidden_layers=3, intermediate_size=192)
     cal, held = batches(1), batches(2)
     out = {}
     setups = {
@@ -311,12 +396,17 @@ def calibrated_errors():
         model = copy.deepcopy(dense)
         sfnn.convert(model, block_size=8, density=0.25, calibration=calib, progress=False)
         out[name] = rel_err(model, dense, held)
-    return out
+    return request.param, out
 
 
 @pytest.mark.parametrize("method", ["scores", "comp", "scores+comp", "distill"])
 def test_calibration_reduces_held_out_error(calibrated_errors, method):
-    assert calibrated_errors[method] < 0.9 * calibrated_errors["none"], calibrated_errors
+    arch, errs = calibrated_errors
+    # Measured: BERT 0.45-0.85 of "none"; random-init LLaMA 0.93-0.95 for scores and comp
+    # alone (its silu(a)*b cells are nearly symmetric about 0, so there is little mean mass to
+    # add back or rank by), 0.65 with distillation.
+    factor = 0.9 if arch == "bert" else 0.98
+    assert errs[method] < factor * errs["none"], errs
 
 
 def test_allocate_gives_more_blocks_to_the_sensitive_layer_within_budget():
@@ -383,9 +473,6 @@ def test_unsupported_architecture_raises():
         sfnn.convert("bert", block_size=2, top_k=1)
 
 
-def test_gated_mlps_are_recognised_and_refused_until_gated_layers_exist():
-    with pytest.raises(NotImplementedError, match="gated"):
-        sfnn.convert(tiny_llama(), block_size=8, top_k=2, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, match", [

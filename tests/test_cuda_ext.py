@@ -1,20 +1,24 @@
 """The CUDA C++ extension (csrc/, sfnn/cuda_ext.py), proven without a GPU as far as possible.
 
-1. Every csrc/*.cu compiles alone with nvcc for sm_80 and sm_90 and ptxas reports no spills.
+1. Every csrc/*.cu compiles alone with nvcc for sm_80 and sm_90 and ptxas reports no spills and
+   no stack frame.
 2. Every csrc/*.cpp passes ``g++ -fsyntax-only`` against the CPU torch headers + CUDA's include.
-3. Emulated: csrc/decode.cu, compiled by g++ against the test-only CPU emulator in csrc/emu/
-   (each CUDA thread a fiber), runs its real kernels and launchers on CPU tensors, which
-   are checked against sfnn.reference (selection exactly, outputs within tolerance).
-4. On a GPU with the extension built, the registered ops against sfnn.reference.
+3. Emulated: csrc/decode.cu, compiled by g++ against the test-only CPU emulator in
+   tests/cuda_emu/ (each CUDA thread a fiber, several thread blocks resident at once), runs its
+   real kernel and launchers on CPU tensors, checked against sfnn.reference (selection exactly,
+   outputs within tolerance), with poisoned workspaces (an emulated initcheck counts reads of
+   words no thread wrote), bitwise equal however the thread blocks interleave; plus the
+   launchers' limits and their messages.
+4. On a GPU with the extension built, the registered ops against sfnn.reference, and a decode
+   step captured in a CUDA graph and replayed.
 5. Here, sfnn.cuda_ext says it is unavailable and how to build it.
-The compilers run in parallel, started once per module: the file takes about 2.5 minutes on
-two cores, most of it nvcc; `-m "not slow"` skips the binding build.
+The compilers run in parallel, started once per module; nvcc dominates the file's time.
+`-m "not slow"` skips the binding build.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -27,11 +31,13 @@ import pytest
 import torch
 
 import sfnn.cuda_ext
+from sfnn import _build
 from sfnn.reference import block_ffn_ref, block_scores_ref, select_blocks_ref
 from sfnn.testing import TOLERANCES, assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC = REPO / "csrc"
+EMU = Path(__file__).resolve().parent / "cuda_emu"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 CPP_FILES = sorted(CSRC.glob("*.cpp"))
 ARCHS = (80, 90)
@@ -43,19 +49,9 @@ ACT_TAG = {"relu": 0, "gelu": 1, "silu": 2}
 
 
 def _cuda_home() -> Path | None:
-    if NVCC is None:
-        return None
-    for cand in (os.environ.get("CUDA_HOME"), "/usr/local/cuda-13.0", "/usr/local/cuda"):
-        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
-            return Path(cand)
-    real = Path(os.path.realpath(NVCC)).parents[1]
-    if (real / "include" / "cuda_runtime.h").exists():
-        return real
-    out = subprocess.run(["sh", "-c", f"sed -n 's/^exec \\(.*\\)nvcc .*/\\1/p' {NVCC}"],
-                         capture_output=True, text=True).stdout.strip()
-    if out and (Path(out).parent / "include" / "cuda_runtime.h").exists():
-        return Path(out).parent
-    return None
+    """A whole CUDA toolkit (nvcc and headers), found as setup.py's probe finds one."""
+    found = _build.find_toolkits(NVCC) if NVCC is not None else []
+    return Path(found[0]) if found else None
 
 
 class _Jobs:
@@ -77,18 +73,6 @@ class _Jobs:
         return rc, log.read_text()
 
 
-def _emu_source() -> str:
-    """csrc/decode.cu rewritten for the CPU emulator: launches and dynamic shared memory."""
-    src = (CSRC / "decode.cu").read_text()
-    src = re.sub(r"extern __shared__ ([\w ]+?) (\w+)\[\];",
-                 r"\1* \2 = reinterpret_cast<\1*>(emu::dyn_smem());", src)
-    src, n = re.subn(r"(\w+(?:<[^<>;]*>)?)<<<(.*?)>>>\((.*?)\);",
-                     lambda m: f"emu::launch([=]() {{ {m[1]}({m[3]}); }}, {m[2]});", src,
-                     flags=re.S)
-    assert n >= 4, "expected the kernel launches of decode.cu"
-    return src + '\nextern "C" void sfnn_emu_set_sm_count(int n) { emu::sm_count_value = n; }\n'
-
-
 @pytest.fixture(scope="module")
 def jobs(request):
     tmp = Path(tempfile.mkdtemp(prefix="sfnn_cuda_ext_"))
@@ -97,26 +81,22 @@ def jobs(request):
         for cu in CU_FILES:
             for arch in ARCHS:
                 j.start(f"nvcc:{cu.name}:{arch}",
-                        [NVCC, "-c", f"-arch=sm_{arch}", "-O3", "-std=c++17", f"-I{CSRC}",
+                        # the real build's flags (torch's C++ standard and nvcc defines), one arch
+                        [NVCC, "-c", f"-arch=sm_{arch}", *_build.nvcc_flags(), f"-I{CSRC}",
                          "-Xptxas", "-v", str(cu), "-o", str(tmp / f"{cu.stem}_{arch}.o")])
     cuda_home = _cuda_home()
     if GXX is not None and cuda_home is not None:
-        from torch.utils.cpp_extension import include_paths
-
-        incs = [*include_paths(), str(cuda_home / "include"), sysconfig.get_paths()["include"]]
-        for cpp in CPP_FILES:
-            j.start(f"gxx:{cpp.name}", [GXX, "-fsyntax-only", "-std=c++17", f"-I{CSRC}",
-                                        *[f"-I{p}" for p in incs], str(cpp)])
+        for cpp in CPP_FILES:  # the g++ line torch's BuildExtension runs, with -fsyntax-only
+            j.start(f"gxx:{cpp.name}", _build.torch_cxx_command(
+                str(cpp), [str(CSRC), str(cuda_home / "include")]))
     if GXX is not None:
-        src = _emu_source()
-        digest = hashlib.sha256((src + (CSRC / "emu" / "emu.h").read_text()
-                                 + (CSRC / "decode.h").read_text()).encode()).hexdigest()[:16]
+        sources = [EMU / "decode_emu.cpp", EMU / "emu.h", *CU_FILES, *CSRC.glob("*.h")]
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
         j.emu_lib = tmp / f"decode_emu_{digest}.so"
-        (tmp / "decode_emu.cpp").write_text(src)
         emu_flags = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-                     f"-I{CSRC / 'emu'}", f"-I{CSRC}"]
+                     "-U_FORTIFY_SOURCE", f"-I{EMU}", f"-I{CSRC}"]
         j.start("emu", [GXX, *emu_flags, "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
-                        str(tmp / "decode_emu.cpp"), "-o", str(j.emu_lib)])
+                        str(EMU / "decode_emu.cpp"), "-o", str(j.emu_lib)])
         if any("binding_registers" in item.nodeid for item in request.session.items):
             from torch.utils.cpp_extension import include_paths
 
@@ -124,7 +104,7 @@ def jobs(request):
             j.start("emu_binding", [
                 GXX, *emu_flags, *[f"-I{p}" for p in include_paths()],
                 f"-I{sysconfig.get_paths()['include']}", str(CSRC / "binding.cpp"),
-                str(tmp / "decode_emu.cpp"), "-o", str(tmp / "_C.so"), f"-L{lib_dir}", "-ltorch",
+                str(EMU / "decode_emu.cpp"), "-o", str(tmp / "_C.so"), f"-L{lib_dir}", "-ltorch",
                 "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}"])
     yield j
     for proc, _ in j.procs.values():
@@ -170,16 +150,25 @@ def test_cu_compiles_without_spills(jobs, cu, arch):
         assert "spill_stores" in info and "registers" in info, (name, info)
         assert info["spill_stores"] == 0 and info["spill_loads"] == 0, (
             f"{cu.name} sm_{arch}: {name} spills: {info}")
+        assert info["stack"] == 0, f"{cu.name} sm_{arch}: {name} uses local memory: {info}"
     short = {n: re.sub(r"^_ZN.*?(decode_\w+?_kernel)(I.*?E)?E.*$", r"\1\2", n) for n in kernels}
     print(f"\n{cu.name} sm_{arch}: " + ", ".join(
         f"{short[n]}:{i['registers']}r" for n, i in kernels.items()))
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: cannot compile csrc/*.cu")
-def test_nothing_but_cu_and_cpp_in_csrc_is_compiled():
-    # setup.py builds glob("csrc/*.cu") + glob("csrc/*.cpp"); the emulator must stay out of it.
-    assert not list((CSRC / "emu").glob("*.cu")) and not list((CSRC / "emu").glob("*.cpp"))
+def test_emulator_stays_out_of_the_build_and_the_seam_is_the_only_way_in():
+    # setup.py builds glob("csrc/*.cu") + glob("csrc/*.cpp"): the emulator lives in the tests.
     assert [p.name for p in CU_FILES] == ["decode.cu"]
+    assert sorted(p.name for p in CSRC.iterdir()) == ["binding.cpp", "decode.cu", "decode.h"]
+    assert (EMU / "emu.h").exists() and (EMU / "decode_emu.cpp").exists()
+    # Every launch and all shared memory go through the two macros the emulator redefines (the
+    # emulator also rejects a static __shared__ at compile time).
+    for cu in CU_FILES:
+        for n, line in enumerate(cu.read_text().splitlines(), 1):
+            if "<<<" in line:
+                assert line.startswith("#define SFNN_LAUNCH("), f"{cu.name}:{n}: {line}"
+            if "__shared__" in line and not line.lstrip().startswith("//"):
+                assert line.startswith("#define SFNN_DYNAMIC_SMEM("), f"{cu.name}:{n}: {line}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,23 +189,55 @@ def test_cpp_syntax(jobs, cpp):
 
 
 class EmuDecode:
-    """ctypes front end to the emulated launchers, with the binding's conventions."""
+    """ctypes front end to the emulated launchers, with the binding's conventions: poisoned
+    outputs and workspaces, and after every call no initcheck violation (no read of a
+    workspace word that no thread wrote)."""
 
     def __init__(self, path: Path, sm_count: int = 8):
         lib = ctypes.CDLL(str(path))
         vp, i64, i32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
+        lib.sfnn_decode_last_error.restype = ctypes.c_char_p
+        lib.sfnn_decode_last_error.argtypes = []
         lib.sfnn_decode_select_workspace_bytes.restype = sz
         lib.sfnn_decode_select_workspace_bytes.argtypes = [i64, i64, i64, i64, i32]
         lib.sfnn_decode_select.restype = i32
-        lib.sfnn_decode_select.argtypes = [vp, i32, i64, vp, i64, vp, i64, i64, i64, i64, vp, i64,
-                                           vp, sz, vp]
+        lib.sfnn_decode_select.argtypes = [vp, i32, i64, vp, i32, i64, vp, i64, i64, i64, i64,
+                                           vp, i64, vp, sz, vp]
         lib.sfnn_decode_ffn_workspace_bytes.restype = sz
         lib.sfnn_decode_ffn_workspace_bytes.argtypes = [i64, i64, i64, i64, i32]
         lib.sfnn_decode_ffn.restype = i32
         lib.sfnn_decode_ffn.argtypes = [vp, i64, vp, i64, vp, i64, vp, i64, vp, vp, vp, i64, vp,
                                         i64, i32, i32, i64, i64, i64, i64, i64, vp, sz, vp]
+        lib.sfnn_decode_ffn_gated.restype = i32
+        lib.sfnn_decode_ffn_gated.argtypes = lib.sfnn_decode_ffn.argtypes + [vp, i64, vp]
+        lib.sfnn_decode_step_workspace_bytes.restype = sz
+        lib.sfnn_decode_step_workspace_bytes.argtypes = [i64, i64, i64, i64, i64, i32]
+        lib.sfnn_decode_step.restype = i32
+        lib.sfnn_decode_step.argtypes = [vp, i64, vp, i32, i64, vp, vp, i64, vp, i64, vp, vp, vp,
+                                         i64, vp, i64, i32, i32, i64, i64, i64, i64, i64, vp, sz,
+                                         vp]
+        lib.sfnn_emu_configure.argtypes = [i32, i32, i32]
+        lib.sfnn_emu_take_initcheck_violations.restype = ctypes.c_long
+        lib.sfnn_emu_last_launch.argtypes = [vp]
+        lib.sfnn_emu_selftest.restype = i32
+        lib.sfnn_emu_selftest.argtypes = [i32, vp]
         lib.sfnn_emu_set_sm_count(sm_count)
         self.lib = lib
+        self.configure()
+
+    def configure(self, resident: int = 1, dry_run: bool = False, initcheck: bool = True):
+        """Thread blocks resident at once, launch validation only, workspace initcheck."""
+        self.lib.sfnn_emu_configure(resident, int(dry_run), int(initcheck))
+
+    def last_error(self) -> str:
+        return self.lib.sfnn_decode_last_error().decode()
+
+    def last_launch(self) -> tuple[int, int, int]:
+        """(thread blocks, threads per block, bytes of dynamic shared memory) of the last
+        valid launch."""
+        out = (ctypes.c_ulonglong * 3)()
+        self.lib.sfnn_emu_last_launch(ctypes.addressof(out))
+        return tuple(out)
 
     @staticmethod
     def _ptr(t):
@@ -228,9 +249,14 @@ class EmuDecode:
 
     @staticmethod
     def _workspace(n):
-        buf = torch.full((n + 256,), 0xCD, dtype=torch.uint8)  # poisoned
+        buf = torch.full((n + 256,), 0xCD, dtype=torch.uint8)  # poisoned (emu.h's poison32)
         off = (-buf.data_ptr()) % 256
         return buf, buf.data_ptr() + off
+
+    def _check(self, err, name):
+        assert err == 0, f"{name} returned {err}: {self.last_error()}"
+        bad = self.lib.sfnn_emu_take_initcheck_violations()
+        assert bad == 0, f"{name} read {bad} never-written workspace words"
 
     def select(self, x, kbar, bbar, top_k):
         T, d = x.shape
@@ -240,26 +266,51 @@ class EmuDecode:
         buf, ws = self._workspace(n)
         err = self.lib.sfnn_decode_select(
             self._ptr(x), DTYPE_TAG[x.dtype], self._stride(x), self._ptr(kbar),
-            self._stride(kbar), self._ptr(bbar), T, nb, d, top_k, self._ptr(out), out.stride(0),
-            ws, n, None)
-        assert err == 0, f"sfnn_decode_select returned {err}"
+            DTYPE_TAG[kbar.dtype], self._stride(kbar), self._ptr(bbar), T, nb, d, top_k,
+            self._ptr(out), out.stride(0), ws, n, None)
+        self._check(err, "sfnn_decode_select")
         return out
 
-    def ffn(self, x, keys, values, indices, key_bias, out_bias, gates, block_size, activation):
+    def ffn(self, x, keys, values, indices, key_bias, out_bias, gates, block_size, activation,
+            gate_keys=None, gate_bias=None):
+        """The block FFN; with gate_keys (and gate_bias) given, sfnn_decode_ffn_gated."""
         T, d = x.shape
         top_k = indices.shape[1]
         y = torch.full((T, d), float("nan"), dtype=x.dtype)  # poisoned
         n = self.lib.sfnn_decode_ffn_workspace_bytes(T, top_k, block_size, d, 0)
         buf, ws = self._workspace(n)
-        err = self.lib.sfnn_decode_ffn(
+        args = (
             self._ptr(x), self._stride(x), self._ptr(keys), self._stride(keys),
             self._ptr(values), self._stride(values), self._ptr(indices), self._stride(indices),
             self._ptr(key_bias), self._ptr(out_bias), self._ptr(gates),
             0 if gates is None else self._stride(gates), self._ptr(y), y.stride(0),
             DTYPE_TAG[x.dtype], ACT_TAG[activation], T, top_k, keys.shape[0] // block_size,
             block_size, d, ws, n, None)
-        assert err == 0, f"sfnn_decode_ffn returned {err}"
+        if gate_keys is None and gate_bias is None:
+            self._check(self.lib.sfnn_decode_ffn(*args), "sfnn_decode_ffn")
+        else:
+            gk_stride = 0 if gate_keys is None else self._stride(gate_keys)
+            err = self.lib.sfnn_decode_ffn_gated(*args, self._ptr(gate_keys), gk_stride,
+                                                 self._ptr(gate_bias))
+            self._check(err, "sfnn_decode_ffn_gated")
         return y
+
+    def step(self, x, kbar, bbar, keys, values, key_bias, out_bias, top_k, block_size,
+             activation):
+        T, d = x.shape
+        nb = kbar.shape[0]
+        y = torch.full((T, d), float("nan"), dtype=x.dtype)
+        idx = torch.full((T, top_k), -7, dtype=torch.int32)
+        n = self.lib.sfnn_decode_step_workspace_bytes(T, nb, block_size, d, top_k, 0)
+        buf, ws = self._workspace(n)
+        err = self.lib.sfnn_decode_step(
+            self._ptr(x), self._stride(x), self._ptr(kbar), DTYPE_TAG[kbar.dtype],
+            self._stride(kbar), self._ptr(bbar), self._ptr(keys), self._stride(keys),
+            self._ptr(values), self._stride(values), self._ptr(key_bias), self._ptr(out_bias),
+            self._ptr(idx), idx.stride(0), self._ptr(y), y.stride(0), DTYPE_TAG[x.dtype],
+            ACT_TAG[activation], T, nb, block_size, d, top_k, ws, n, None)
+        self._check(err, "sfnn_decode_step")
+        return y, idx
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +319,9 @@ def emu(jobs):
         pytest.skip("g++ is not on PATH: cannot build the CPU emulation of csrc/decode.cu")
     rc, log = jobs.result("emu")
     assert rc == 0, f"building the emulated decode.cu failed:\n{log[-6000:]}"
-    return EmuDecode(jobs.emu_lib)
+    e = EmuDecode(jobs.emu_lib)
+    yield e
+    e.configure()
 
 
 def _gen(seed):
@@ -311,6 +364,20 @@ def _check_selection(out, x, kbar, bbar, top_k, exact):
     assert bool((got[:, 1:] <= got[:, :-1] + tol).all()), got
 
 
+def _select_inputs(T, d_model, n_blocks, dtype, kbar_dtype, integer, gen):
+    if integer:  # exact scores in any summation order, with many ties: must match exactly
+        x = torch.randint(-2, 3, (T, d_model), generator=gen).to(dtype)
+        kbar = torch.randint(-2, 3, (n_blocks, d_model), generator=gen).float()
+        bbar = torch.randint(-3, 4, (n_blocks,), generator=gen).float()
+        kbar[n_blocks // 2] = kbar[0]  # guaranteed exact ties
+        bbar[n_blocks // 2] = bbar[0]
+    else:
+        x = torch.randn(T, d_model, generator=gen).to(dtype)
+        kbar = torch.randn(n_blocks, d_model, generator=gen) / d_model ** 0.5
+        bbar = torch.randn(n_blocks, generator=gen) * 0.1
+    return x, kbar.to(kbar_dtype), bbar
+
+
 SELECT_CASES = [
     # T, d_model, n_blocks, top_k, dtype, layout, integer data (exact scores, many ties)
     pytest.param(1, 64, 12, 3, torch.float32, "contig", False, id="T1-d64-nb12-k3-f32"),
@@ -323,24 +390,18 @@ SELECT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("kbar_dtype", [torch.float32, torch.bfloat16], ids=["kbar32", "kbar16"])
 @pytest.mark.parametrize("T, d_model, n_blocks, top_k, dtype, layout, integer", SELECT_CASES)
-def test_emulated_decode_select(emu, T, d_model, n_blocks, top_k, dtype, layout, integer):
+def test_emulated_decode_select(emu, T, d_model, n_blocks, top_k, dtype, layout, integer,
+                                kbar_dtype):
     gen = _gen(T * 1000 + d_model + n_blocks)
-    if integer:  # exact scores in any summation order, with many ties: must match exactly
-        x = torch.randint(-2, 3, (T, d_model), generator=gen).to(dtype)
-        kbar = torch.randint(-2, 3, (n_blocks, d_model), generator=gen).float()
-        bbar = torch.randint(-3, 4, (n_blocks,), generator=gen).float()
-        kbar[n_blocks // 2] = kbar[0]  # guaranteed exact ties
-        bbar[n_blocks // 2] = bbar[0]
-    else:
-        x = torch.randn(T, d_model, generator=gen).to(dtype)
-        kbar = torch.randn(n_blocks, d_model, generator=gen) / d_model ** 0.5
-        bbar = torch.randn(n_blocks, generator=gen) * 0.1
+    x, kbar, bbar = _select_inputs(T, d_model, n_blocks, dtype, kbar_dtype, integer, gen)
     x = _strided(x, layout, gen)
     kbar = _strided(kbar, layout, gen)
     bbar_arg = bbar if T % 2 == 0 else None
     out = emu.select(x, kbar, bbar_arg, top_k)
-    _check_selection(out, x.float(), kbar, bbar_arg, top_k, exact=integer)
+    # A bf16 kbar is the cache's rounding of the means: the scores are those of the rounded kbar.
+    _check_selection(out, x.float(), kbar.float(), bbar_arg, top_k, exact=integer)
     assert torch.equal(out, emu.select(x, kbar, bbar_arg, top_k)), "not deterministic"
 
 
@@ -373,6 +434,15 @@ def _ffn_ref(x, keys, values, indices, key_bias, out_bias, gates, block_size, ac
                          activation=activation)
 
 
+def _ffn_tables(T, d_model, d_ff, dtype, gen):
+    x = torch.randn(T, d_model, generator=gen).to(dtype)
+    keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    values = (torch.randn(d_ff, d_model, generator=gen) * d_ff ** -0.5).to(dtype)
+    key_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype)
+    out_bias = (torch.randn(d_model, generator=gen) * 0.1).to(dtype)
+    return x, keys, values, key_bias, out_bias
+
+
 FFN_CASES = [
     # T, d_model, n_blocks, block_size, top_k, layout, duplicates, dtype
     *[pytest.param(1, 64, 6, 16, 2, "contig", False, dt, id=f"T1-d64-nb6-g16-k2-chunked-{n}")
@@ -391,11 +461,7 @@ def test_emulated_decode_ffn(emu, T, d_model, n_blocks, block_size, top_k, layou
                              dtype):
     gen = _gen(T * 100 + d_model + block_size)
     d_ff = n_blocks * block_size
-    x = torch.randn(T, d_model, generator=gen).to(dtype)
-    keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
-    values = (torch.randn(d_ff, d_model, generator=gen) * d_ff ** -0.5).to(dtype)
-    key_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype)
-    out_bias = (torch.randn(d_model, generator=gen) * 0.1).to(dtype)
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
     gates = torch.rand(T, top_k, generator=gen)
     gates[0, 0] = 0.0
     indices = _indices(T, n_blocks, top_k, gen, duplicates)
@@ -414,6 +480,69 @@ def test_emulated_decode_ffn(emu, T, d_model, n_blocks, block_size, top_k, layou
             assert torch.equal(y, emu.ffn(*args)), "not deterministic"
 
 
+def _gated_ffn_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias, gates,
+                   block_size, activation):
+    """The gated block FFN in float64 (PLAN.md's protocol): per (token, slot) the block's rows
+    give h = act(x . kg + bg) * (x . k + b), y = sum_slots gate * h v + out_bias."""
+    up = [None if t is None else t.detach().double()
+          for t in (x, keys, values, gate_keys, key_bias, gate_bias, out_bias)]
+    x, keys, values, gate_keys, key_bias, gate_bias, out_bias = up
+    T, d = x.shape
+    g = block_size
+    y = torch.zeros(T, d, dtype=torch.float64) if out_bias is None else out_bias.repeat(T, 1)
+    act = {"relu": torch.relu, "gelu": torch.nn.functional.gelu,
+           "silu": torch.nn.functional.silu}[activation]
+    for t in range(T):
+        for j in range(indices.shape[1]):
+            rows = slice(int(indices[t, j]) * g, (int(indices[t, j]) + 1) * g)
+            a_g = gate_keys[rows] @ x[t] + (0 if gate_bias is None else gate_bias[rows])
+            a_u = keys[rows] @ x[t] + (0 if key_bias is None else key_bias[rows])
+            h = act(a_g) * a_u * (1.0 if gates is None else float(gates[t, j]))
+            y[t] += h @ values[rows]
+    return y
+
+
+@pytest.mark.parametrize("T, d_model, n_blocks, block_size, top_k, layout, duplicates, dtype",
+                         FFN_CASES)
+def test_emulated_decode_gated_ffn(emu, T, d_model, n_blocks, block_size, top_k, layout,
+                                   duplicates, dtype):
+    """sfnn_decode_ffn_gated (issue 11's gated FFN, forward only) against a float64 reference:
+    every activation, biases and selection gates on and off, vector and scalar loads (strided
+    and misaligned tables), duplicate blocks, and bitwise repeatable."""
+    gen = _gen(T * 100 + d_model + block_size + 1)
+    d_ff = n_blocks * block_size
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    gate_keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    gate_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype)
+    gates = torch.rand(T, top_k, generator=gen)
+    indices = _indices(T, n_blocks, top_k, gen, duplicates)
+    x, keys, values, gate_keys = (_strided(t, layout, gen) for t in (x, keys, values, gate_keys))
+    atol, rtol = TOLERANCES[dtype]
+    for i, activation in enumerate(("relu", "gelu", "silu")):
+        bias, gated = i != 1, i != 2
+        args = (x, keys, values, indices, key_bias if bias else None, out_bias if bias else None,
+                gates if gated else None, block_size, activation)
+        gk = dict(gate_keys=gate_keys, gate_bias=gate_bias if bias else None)
+        y = emu.ffn(*args, **gk)
+        want = _gated_ffn_ref(x, keys, values, gate_keys, indices, args[4], gk["gate_bias"],
+                              args[5], args[6], block_size, activation)
+        assert y.dtype == dtype
+        assert_close(y.double(), want, atol=atol, rtol=rtol,
+                     name=f"gated y[{activation}, bias={bias}, gates={gated}]")
+        if i == 0:
+            assert torch.equal(y, emu.ffn(*args, **gk)), "not deterministic"
+            # the gate table matters: the plain FFN's output differs
+            assert not torch.allclose(y, emu.ffn(*args), atol=atol, rtol=rtol)
+
+
+def test_emulated_decode_gated_ffn_rejects_gate_bias_alone(emu):
+    x = torch.zeros(1, 8)
+    keys = torch.zeros(8, 8)
+    idx = torch.zeros(1, 1, dtype=torch.int32)
+    with pytest.raises(AssertionError, match="gate_bias without gate_keys"):
+        emu.ffn(x, keys, keys, idx, None, None, None, 8, "relu", gate_bias=torch.zeros(8))
+
+
 def test_emulated_decode_ffn_nan_token_stays_in_its_row(emu):
     gen = _gen(3)
     T, d, nb, g, k = 4, 32, 4, 8, 2
@@ -429,6 +558,158 @@ def test_emulated_decode_ffn_nan_token_stays_in_its_row(emu):
     assert bool(torch.isfinite(y[[0, 1, 3]]).all())
 
 
+STEP_CASES = [
+    # T, d_model, n_blocks, block_size, top_k, dtype, kbar dtype, layout
+    pytest.param(1, 64, 12, 16, 3, torch.bfloat16, torch.bfloat16, "contig",
+                 id="T1-d64-nb12-g16-k3-bf16-kbar16"),
+    pytest.param(1, 64, 12, 16, 3, torch.float32, torch.float32, "contig",
+                 id="T1-d64-nb12-g16-k3-f32-kbar32"),
+    pytest.param(4, 37, 9, 8, 4, torch.float16, torch.float32, "contig",
+                 id="T4-d37-nb9-g8-k4-f16-odd"),
+    pytest.param(15, 75, 10, 4, 2, torch.bfloat16, torch.float32, "padded",
+                 id="T15-d75-nb10-g4-k2-bf16-padded"),
+    pytest.param(17, 40, 6, 8, 6, torch.float32, torch.bfloat16, "offset",
+                 id="T17-d40-nb6-g8-k6-f32-misaligned-dense-two-tiles"),
+]
+
+
+@pytest.mark.parametrize("T, d_model, n_blocks, block_size, top_k, dtype, kbar_dtype, layout",
+                         STEP_CASES)
+def test_emulated_decode_step(emu, T, d_model, n_blocks, block_size, top_k, dtype, kbar_dtype,
+                              layout):
+    """The fused step (select + block FFN + combine in one launch) against the reference: the
+    indices are exactly the reference's selection on exact (integer) scores, y is the block FFN
+    over them, for every activation with and without biases."""
+    gen = _gen(T * 10 + d_model + n_blocks)
+    d_ff = n_blocks * block_size
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    x = torch.randint(-2, 3, (T, d_model), generator=gen).to(dtype) / 4  # exact scores
+    kbar = (torch.randint(-3, 4, (n_blocks, d_model), generator=gen) / 8).to(kbar_dtype)
+    kbar[n_blocks // 2] = kbar[0]  # an exact tie
+    bbar = torch.randint(-2, 3, (n_blocks,), generator=gen).float() / 2
+    x, keys, values, kbar = (_strided(t, layout, gen) for t in (x, keys, values, kbar))
+    atol, rtol = TOLERANCES[dtype]
+    for i, activation in enumerate(("relu", "gelu", "silu")):
+        bias = i != 1
+        args = dict(key_bias=key_bias if bias else None, out_bias=out_bias if bias else None)
+        b_arg = bbar if bias else None
+        y, idx = emu.step(x, kbar, b_arg, keys, values, top_k=top_k, block_size=block_size,
+                          activation=activation, **args)
+        ref_idx = select_blocks_ref(x.float(), kbar.float(), b_arg, top_k)
+        assert torch.equal(idx, ref_idx), f"\n{idx}\n!=\n{ref_idx}"
+        ref = _ffn_ref(x, keys, values, ref_idx, args["key_bias"], args["out_bias"], None,
+                       block_size, activation)
+        assert y.dtype == dtype
+        assert_close(y.double(), ref, atol=atol, rtol=rtol, name=f"y[{activation}, bias={bias}]")
+
+
+def test_emulated_decode_is_bitwise_the_same_however_blocks_interleave(emu):
+    """With 1, 3 and 7 thread blocks resident at once (interleaved fiber by fiber), every phase
+    that waits for another sees its results complete: the same bits every time."""
+    gen = _gen(11)
+    T, d, nb, g, k = 5, 72, 16, 8, 4
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d, nb * g, torch.bfloat16, gen)
+    kbar = torch.randn(nb, d, generator=gen) / d ** 0.5
+    bbar = torch.randn(nb, generator=gen) * 0.1
+    idx_in = _indices(T, nb, k, gen, duplicates=True)
+    results = []
+    for resident in (1, 3, 7):
+        emu.configure(resident=resident)
+        step = emu.step(x, kbar, bbar, keys, values, key_bias, out_bias, k, g, "gelu")
+        sel = emu.select(x, kbar, bbar, k)
+        ffn = emu.ffn(x, keys, values, idx_in, key_bias, out_bias, None, g, "silu")
+        results.append((*step, sel, ffn))
+    emu.configure()
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+    # The step is bitwise select followed by ffn (the binding's docstring promises it).
+    y, idx, sel, _ = results[0]
+    assert torch.equal(idx, sel)
+    assert torch.equal(y, emu.ffn(x, keys, values, sel, key_bias, out_bias, None, g, "gelu"))
+
+
+def test_emulator_self_checks(emu):
+    """The emulator finds what it claims to find: a wait on a block that has not started
+    deadlocks when blocks run one at a time and runs when they are resident together; a
+    divergent barrier fails the launch; a poisoned word read through __ldcg counts."""
+    lib = emu.lib
+    lib.sfnn_emu_error_text.restype = ctypes.c_char_p
+    flags = torch.zeros(2, dtype=torch.int32)
+    emu.configure(resident=1)
+    assert lib.sfnn_emu_selftest(0, flags.data_ptr()) != 0
+    assert "every resident block (1) spins" in lib.sfnn_emu_error_text().decode()
+    assert flags.tolist() == [0, 0]  # block 1 never started
+    flags.zero_()
+    emu.configure(resident=2)
+    assert lib.sfnn_emu_selftest(0, flags.data_ptr()) == 0
+    assert flags.tolist() == [1, 1]
+    emu.configure(resident=1)
+    assert lib.sfnn_emu_selftest(1, flags.data_ptr()) != 0
+    assert "is not reached by every live thread" in lib.sfnn_emu_error_text().decode()
+    lib.sfnn_emu_take_initcheck_violations()
+    flags.fill_(-0x32323233)  # 0xCDCDCDCD, the poison
+    assert lib.sfnn_emu_selftest(2, flags.data_ptr()) == 0
+    assert flags[1] == 1 and lib.sfnn_emu_take_initcheck_violations() == 1
+    flags[0] = 0
+    assert lib.sfnn_emu_selftest(2, flags.data_ptr()) == 0
+    assert flags[1] == 0 and lib.sfnn_emu_take_initcheck_violations() == 0
+    emu.configure()
+
+
+def test_emulated_launcher_limits_say_which(emu):
+    """Arguments past a limit fail with cudaErrorInvalidValue (1) before any launch, and
+    sfnn_decode_last_error() names the limit (the binding raises with that text)."""
+    lib = emu.lib
+    lib.sfnn_emu_take_initcheck_violations()
+    x = torch.zeros(8, dtype=torch.float32)
+    ws = torch.zeros(1024, dtype=torch.uint8)
+    p, w = x.data_ptr(), ws.data_ptr() + (-ws.data_ptr()) % 256
+
+    def ffn(T, top_k, g=4, d=8, nb=4, ws_bytes=512):
+        return lib.sfnn_decode_ffn(p, 0, p, d, p, d, p, top_k, None, None, None, 0, p, d, 0, 0,
+                                   T, top_k, nb, g, d, w, ws_bytes, None)
+
+    assert ffn(70_000, 1) == 1
+    assert "T=70000 tokens is past the decode kernels' limit of 65535" in emu.last_error()
+    assert lib.sfnn_decode_ffn_workspace_bytes(70_000, 1, 4, 8, 0) == 0
+    assert "65535" in emu.last_error()
+    assert ffn(65_535, 40_000) == 1  # 2.6e9 slots
+    assert "past CUDA's grid limit of 2147483647" in emu.last_error(), emu.last_error()
+    assert ffn(1, 2, ws_bytes=16) == 1
+    assert "workspace must be 256-byte aligned and hold >=" in emu.last_error()
+    assert lib.sfnn_decode_select(p, 0, 0, p, 0, 0, None, 1, 4, 8, 5, p, 0, w, 512, None) == 1
+    assert "top_k must be in [1, 4], got 5" in emu.last_error()
+    assert lib.sfnn_decode_select(p, 0, 0, p, 1, 0, None, 1, 4, 8, 2, p, 0, w, 512, None) == 1
+    assert "kbar dtype tag 1" in emu.last_error()  # fp16 kbar: only fp32 or bf16
+
+
+@pytest.mark.parametrize("top_k", [45_057, 49_152, 70_000])
+def test_emulated_decode_ffn_large_top_k_fits_shared_memory(emu, top_k):
+    """Issue 18.3: top_k in 45,057..49,152 asked for top_k bytes of dynamic shared memory on top
+    of 4 KiB static and failed with "invalid argument". The flags are in the workspace now: the
+    launch's shared memory does not grow with top_k and stays within the 48 KiB a launch gets
+    without opting in (the emulator rejects more, as a GPU does). Dry run: launches are checked,
+    not run."""
+    T, d, g = 1, 8, 4
+    x = torch.zeros(T, d)
+    keys = torch.zeros(top_k * g, d)
+    idx = torch.arange(top_k, dtype=torch.int32).view(1, top_k)
+    emu.configure(dry_run=True)
+    try:
+        emu.ffn(x, keys, keys, idx, None, None, None, g, "relu")
+        blocks, threads, smem = emu.last_launch()
+        emu.ffn(x, keys, keys, idx[:, :200], None, None, None, g, "relu")
+        assert emu.last_launch()[2] == smem  # no top_k-sized buffer
+        kbar = torch.zeros(top_k, d)
+        emu.step(x, kbar, None, keys, keys, None, None, top_k, g, "relu")
+        assert emu.last_launch()[2] <= 48 * 1024
+    finally:
+        emu.configure()
+    assert smem <= 48 * 1024 and threads == 256
+    assert blocks == top_k + T  # a block per slot, one to combine
+
+
 BINDING_CHECK = """
 import sys, torch
 if sys.argv[1] == "python-first":
@@ -440,8 +721,10 @@ else:
 import sfnn.cuda_ext
 assert str(torch.ops.sfnn.decode_select.default._schema) == (
     "sfnn::decode_select(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor")
-assert "Tensor? gates, int block_size, str activation) -> Tensor" in str(
-    torch.ops.sfnn.decode_ffn.default._schema)
+assert ("Tensor? gates, int block_size, str activation, Tensor? gate_keys=None, "
+        "Tensor? gate_bias=None) -> Tensor") in str(torch.ops.sfnn.decode_ffn.default._schema)
+assert "int top_k, int block_size, str activation) -> (Tensor, Tensor)" in str(
+    torch.ops.sfnn.decode_step.default._schema)
 assert hasattr(torch.ops.sfnn, "block_ffn")  # the op layer's Python ops share the namespace
 sfnn.cuda_ext._register_fakes()
 x = torch.empty(3, 64, device="meta", dtype=torch.bfloat16)
@@ -450,6 +733,11 @@ assert idx.shape == (3, 4) and idx.dtype == torch.int32
 w = torch.empty(32, 64, device="meta", dtype=torch.bfloat16)
 y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "relu")
 assert y.shape == (3, 64) and y.dtype == torch.bfloat16
+y = torch.ops.sfnn.decode_ffn(x, w, w, idx, None, None, None, 8, "silu", w, None)  # gated
+assert y.shape == (3, 64) and y.dtype == torch.bfloat16
+kb = torch.empty(4, 64, device="meta", dtype=torch.bfloat16)
+y, idx = torch.ops.sfnn.decode_step(x, kb, None, w, w, None, None, 2, 8, "gelu")
+assert y.shape == (3, 64) and y.dtype == torch.bfloat16 and idx.shape == (3, 2)
 try:
     torch.ops.sfnn.decode_select(torch.zeros(3, 64), torch.zeros(8, 64), None, 4)
     raise SystemExit("a CPU call must not find a kernel")
@@ -463,7 +751,7 @@ print("OK")
 @pytest.mark.skipif(GXX is None, reason="g++ is not on PATH: cannot build the emulated binding")
 @pytest.mark.parametrize("order", ["python-first", "extension-first"])
 def test_emulated_binding_registers_beside_python_ops(jobs, order):
-    """binding.cpp, compiled for the CPU over the emulated kernels, loads and registers its two
+    """binding.cpp, compiled for the CPU over the emulated kernels, loads and registers its three
     schemas as fragments of the sfnn namespace beside sfnn.ops' torch.library.custom_op ops, in
     either import order; the fake kernels of sfnn.cuda_ext trace both ops."""
     rc, log = jobs.result("emu_binding")
@@ -486,19 +774,20 @@ needs_ext = pytest.mark.skipif(
 @needs_ext
 @pytest.mark.parametrize("T", range(1, 16))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
-def test_cuda_decode_select(T, dtype):
+@pytest.mark.parametrize("kbar_dtype", [torch.float32, torch.bfloat16], ids=["kbar32", "kbar16"])
+def test_cuda_decode_select(T, dtype, kbar_dtype):
     gen = _gen(T)
     d, nb, k = 97, 40, 8
     x = torch.randn(T, d, generator=gen).to(dtype).cuda()
-    kbar = (torch.randn(nb, d, generator=gen) / d ** 0.5).cuda()
+    kbar = (torch.randn(nb, d, generator=gen) / d ** 0.5).to(kbar_dtype).cuda()
     bbar = (torch.randn(nb, generator=gen) * 0.1).cuda() if T % 2 else None
     out = sfnn.cuda_ext.decode_select(x, kbar, bbar, k)
-    _check_selection(out.cpu(), x.float().cpu(), kbar.cpu(),
+    _check_selection(out.cpu(), x.float().cpu(), kbar.float().cpu(),
                      None if bbar is None else bbar.cpu(), k, exact=False)
     xi = torch.randint(-2, 3, (T, d), generator=gen).to(dtype).cuda()
-    ki = torch.randint(-2, 3, (nb, d), generator=gen).float().cuda()
+    ki = torch.randint(-2, 3, (nb, d), generator=gen).to(kbar_dtype).cuda()
     out = sfnn.cuda_ext.decode_select(xi, ki, None, k)
-    assert torch.equal(out.cpu(), select_blocks_ref(xi.float().cpu(), ki.cpu(), None, k))
+    assert torch.equal(out.cpu(), select_blocks_ref(xi.float().cpu(), ki.float().cpu(), None, k))
 
 
 @needs_ext
@@ -530,6 +819,34 @@ def test_cuda_decode_ffn(T, d_model, dtype, activation, bias, gated):
 
 
 @needs_ext
+@pytest.mark.parametrize("T", [1, 3, 15])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cuda_decode_gated_ffn(T, dtype, activation, bias):
+    """sfnn::decode_ffn with gate_keys/gate_bias (the gated FFN) on a GPU, against the float64
+    gated reference."""
+    gen = _gen(T + 7)
+    nb, g, k, d_model = 12, 16, 4, 96
+    d_ff = nb * g
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, d_ff, dtype, gen)
+    gate_keys = (torch.randn(d_ff, d_model, generator=gen) * d_model ** -0.5).to(dtype)
+    gate_bias = (torch.randn(d_ff, generator=gen) * 0.1).to(dtype) if bias else None
+    key_bias, out_bias = (key_bias, out_bias) if bias else (None, None)
+    gates = torch.rand(T, k, generator=gen)
+    indices = _indices(T, nb, k, gen, duplicates=T % 2 == 1)
+    cuda = [None if t is None else t.cuda() for t in (x, keys, values, indices, key_bias,
+                                                      out_bias, gates, gate_keys, gate_bias)]
+    y = sfnn.cuda_ext.decode_ffn(*cuda[:7], block_size=g, activation=activation,
+                                 gate_keys=cuda[7], gate_bias=cuda[8])
+    ref = _gated_ffn_ref(x, keys, values, gate_keys, indices, key_bias, gate_bias, out_bias,
+                         gates, g, activation)
+    atol, rtol = TOLERANCES[dtype]
+    assert y.dtype == dtype
+    assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="gated y")
+
+
+@needs_ext
 def test_cuda_ops_opcheck():
     gen = _gen(0)
     x = torch.randn(3, 64, generator=gen).cuda()
@@ -539,6 +856,89 @@ def test_cuda_ops_opcheck():
     torch.library.opcheck(torch.ops.sfnn.decode_select.default, (x, kbar, None, 3))
     torch.library.opcheck(torch.ops.sfnn.decode_ffn.default,
                           (x, keys, keys, idx, None, None, None, 8, "gelu"))
+    torch.library.opcheck(torch.ops.sfnn.decode_step.default,
+                          (x, kbar.bfloat16(), None, keys, keys, None, None, 3, 4, "silu"))
+
+
+def _step_problem(T, d_model, n_blocks, g, dtype, kbar_dtype, seed, exact):
+    gen = _gen(seed)
+    x, keys, values, key_bias, out_bias = _ffn_tables(T, d_model, n_blocks * g, dtype, gen)
+    kbar = keys.float().view(n_blocks, g, d_model).mean(1)
+    bbar = key_bias.float().view(n_blocks, g).mean(1)
+    if exact:  # exact scores in any summation order: the selection must equal the reference's
+        x = (torch.randint(-2, 3, (T, d_model), generator=gen) / 4).to(dtype)
+        kbar = torch.randint(-3, 4, (n_blocks, d_model), generator=gen) / 8
+        bbar = torch.randint(-2, 3, (n_blocks,), generator=gen) / 2
+    return x, kbar.to(kbar_dtype), bbar, keys, values, key_bias, out_bias
+
+
+@needs_ext
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 2, 7, 15])
+@pytest.mark.parametrize("shape", [(96, 12, 16, 4), (101, 40, 8, 8), (4096, 256, 64, 32)],
+                         ids=["d96-nb12-g16-k4", "d101-nb40-g8-k8-odd", "d4096-nb256-g64-k32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("kbar_dtype", [torch.float32, torch.bfloat16], ids=["kbar32", "kbar16"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_cuda_decode_step(T, shape, dtype, kbar_dtype, activation):
+    d, nb, g, k = shape
+    x, kbar, bbar, keys, values, key_bias, out_bias = _step_problem(
+        T, d, nb, g, dtype, kbar_dtype, seed=T + d, exact=True)
+    cuda = [t.cuda() for t in (x, kbar, bbar, keys, values, key_bias, out_bias)]
+    y, idx = sfnn.cuda_ext.decode_step(*cuda, top_k=k, block_size=g, activation=activation)
+    ref_idx = select_blocks_ref(x.float(), kbar.float(), bbar, k)
+    assert torch.equal(idx.cpu(), ref_idx)
+    ref = _ffn_ref(x, keys, values, ref_idx, key_bias, out_bias, None, g, activation)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(y.double().cpu(), ref, atol=atol, rtol=rtol, name="y")
+    # bitwise select + ffn, and the same bits on every run (the phases hand over complete data)
+    sel = sfnn.cuda_ext.decode_select(cuda[0], cuda[1], cuda[2], k)
+    y2 = sfnn.cuda_ext.decode_ffn(cuda[0], cuda[3], cuda[4], sel, cuda[5], cuda[6], None,
+                                  block_size=g, activation=activation)
+    assert torch.equal(sel, idx) and torch.equal(y2, y)
+    for _ in range(20):
+        y3, idx3 = sfnn.cuda_ext.decode_step(*cuda, top_k=k, block_size=g, activation=activation)
+        assert torch.equal(y3, y) and torch.equal(idx3, idx)
+
+
+@needs_ext
+@pytest.mark.cuda
+@pytest.mark.parametrize("kbar_dtype", [torch.float32, torch.bfloat16], ids=["kbar32", "kbar16"])
+def test_cuda_decode_step_in_a_cuda_graph(kbar_dtype):
+    """The decode step (one memset + one launch, no host sync) captured once and replayed with
+    new tokens gives what eager calls give."""
+    T, d, nb, g, k = 1, 4096, 256, 64, 32
+    x, kbar, bbar, keys, values, key_bias, out_bias = (
+        t.cuda() for t in _step_problem(T, d, nb, g, torch.bfloat16, kbar_dtype, 5, False))
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture
+        sfnn.cuda_ext.decode_step(static_x, kbar, bbar, keys, values, key_bias, out_bias,
+                                  top_k=k, block_size=g, activation="gelu")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y, static_idx = sfnn.cuda_ext.decode_step(
+            static_x, kbar, bbar, keys, values, key_bias, out_bias, top_k=k, block_size=g,
+            activation="gelu")
+    gen = _gen(9)
+    for _ in range(5):
+        new_x = torch.randn(T, d, generator=gen).to(torch.bfloat16).cuda()
+        static_x.copy_(new_x)
+        graph.replay()
+        y, idx = sfnn.cuda_ext.decode_step(new_x, kbar, bbar, keys, values, key_bias, out_bias,
+                                           top_k=k, block_size=g, activation="gelu")
+        torch.cuda.synchronize()
+        assert torch.equal(static_idx, idx) and torch.equal(static_y, y)
+
+
+@needs_ext
+@pytest.mark.cuda
+def test_cuda_decode_limits_say_which():
+    x = torch.zeros(70_000, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="past the decode kernels' limit of 65535 tokens"):
+        sfnn.cuda_ext.decode_select(x, torch.zeros(8, 64, device="cuda"), None, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import importlib.util, sys
 import sfnn, sfnn.triton_kernels
 where = sfnn.triton_kernels.__file__
 assert where.endswith("__init__.py"), where
+import sfnn.cpu_kernel  # the CPU kernel's source ships with the package (built on first use)
+assert sfnn.cpu_kernel.SOURCE.exists(), sfnn.cpu_kernel.SOURCE
 spec = importlib.util.find_spec("triton_kernels")
 if spec is not None:  # Triton's own package may be installed; ours must not be what it finds
     ours = open("{repo}/triton_kernels/__init__.py").read()

@@ -184,14 +184,15 @@ def test_topk_fp32_precision_follows_torch():
 
 
 def test_topk_errors():
+    """The op layer validates inputs (tests/test_validation.py); the launcher only asserts, and
+    raises for its own limit, top_k past what it holds on chip (sfnn.ops scores those with
+    torch)."""
     x, kbar, bbar = _inputs(4, 16, 10)
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(AssertionError):
         avgk_topk(x, kbar, bbar, 11)
-    with pytest.raises(ValueError, match="top_k"):
-        avgk_topk(x, kbar, bbar, 0)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(AssertionError):
         avgk_topk(x, kbar.half(), bbar, 2)
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(AssertionError):
         avgk_topk(x[:, :8].contiguous(), kbar, bbar, 2)
     big = _inputs(2, 16, MAX_TOP_K + 1)
     with pytest.raises(ValueError, match="top_k"):

@@ -28,34 +28,27 @@ agrees with the fp32 reference except on true near-ties, at twice the tensor-cor
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
-from ._common import AOTSpec, dot_precision
+from . import _configs
+from ._common import INTERPRET, autotune, dot, dot_precision, on_tensor_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Largest top_k the kernel accepts: the largest K_PAD of any config in _CONFIG_SHAPES.
-MAX_TOP_K = 64
+# Largest top_k the kernel accepts: the largest K_PAD any config holds.
+MAX_TOP_K = _configs.TOPK_MAX_K_PAD
 
 _KEY_MIN = tl.constexpr(-(2**63))
-# Triton's interpreter (3.6 and 3.9) multiplies bf16 dot operands as their raw uint16 bits; under
-# it, and only there, the 16-bit score dots are done in fp32 on the same (exactly upcast) values.
-_UPCAST_16BIT_DOT = tl.constexpr(_INTERPRET)
 
 
-def _k_pad(top_k: int) -> int:
+def k_pad(top_k: int) -> int:
     return max(2, triton.next_power_of_2(top_k))
 
 
-def _d_split(dtype, precision: str) -> int:
+def d_split(dtype, precision: str) -> int:
     """How finely a BLOCK_D chunk is split for fp32 x (see the kernel's D_STEP)."""
-    kind = _dot_kind(dtype, precision)
-    return {"16bit": 1, "tf32": 2, "ieee": 4}[kind]
+    return {"16bit": 1, "tf32": 2, "ieee": 4}[_configs.topk_dot_kind(dtype, precision)]
 
 
 @constexpr_function
@@ -128,73 +121,21 @@ def _merge_rows_desc(x):
     return tl.reshape(h, x.shape)
 
 
-# (BLOCK_T, BLOCK_N, BLOCK_D, num_warps, num_stages, largest K_PAD per dot kind). BLOCK_T >= 64
-# so that the score GEMM runs on Hopper's warpgroup MMA. The running top-K list and the chunk's
-# keys are int64 in registers: each shape admits a K_PAD up to the largest that compiles without
-# spills on sm_80 and sm_90 (bench/aot_check.py compiles each shape at that K_PAD) for its dot
-# kind: "16bit" (bf16/fp16 x, hi/lo kbar), "tf32" (fp32 x, tf32) and "ieee" (fp32 x, FMA dot,
-# whose operand tiles also live in registers; 0 = not offered). The first shape takes every
-# K_PAD up to MAX_TOP_K in every kind.
-_CONFIG_SHAPES = [
-    (64, 64, 64, 8, 3, {"16bit": 64, "tf32": 64, "ieee": 64}),
-    (128, 64, 64, 8, 3, {"16bit": 32, "tf32": 32, "ieee": 0}),
-    (128, 128, 32, 8, 3, {"16bit": 16, "tf32": 0, "ieee": 0}),
-]
+_INTERPRET_HEURISTICS = {"BLOCK_N": lambda args: max(16, args["K_PAD"])} if INTERPRET else {}
 
 
-# Without an explicit register limit, ptxas (the one in triton 3.6's wheel) sometimes caps these
-# 256-thread kernels at 128 registers and spills; ".maxnreg 255" lets it use what it needs.
-_MAXNREG = 255
-
-
-def _dot_kind(x_dtype, precision: str) -> str:
-    return precision if x_dtype in (torch.float32, "fp32") else "16bit"
-
-
-def _max_k_pad(cfg: triton.Config, kind: str) -> int:
-    kw = cfg.kwargs
-    for bt, bn, bd, w, _, max_k in _CONFIG_SHAPES:
-        if (kw["BLOCK_T"], kw["BLOCK_N"], kw["BLOCK_D"], cfg.num_warps) == (bt, bn, bd, w):
-            return max_k[kind]
-    return kw.get("BLOCK_N", 0)
-
-
-def _avgk_topk_configs() -> list[triton.Config]:
-    """Tuning configs from :data:`_CONFIG_SHAPES`; the prune step keeps those admitting K_PAD.
-
-    Under the interpreter a single small config without BLOCK_N, which
-    :data:`_INTERPRET_HEURISTICS` sets to the smallest legal chunk, so that tests with few blocks
-    still cover several chunks (and the autotuner has nothing to benchmark).
-    """
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_D": 32}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s,
-                      maxnreg=_MAXNREG)
-        for bt, bn, bd, w, s, _ in _CONFIG_SHAPES
-    ]
-
-
-_INTERPRET_HEURISTICS = {"BLOCK_N": lambda args: max(16, args["K_PAD"])} if _INTERPRET else {}
-
-
-def _prune_avgk_topk(configs, named_args, **kwargs):
-    """Keep configs whose chunk holds K_PAD keys (the chunk top-k needs K_PAD <= BLOCK_N) and
-    whose registers hold a K_PAD-long running list without spilling."""
+def _prune(configs, named_args, **kwargs):
+    """Keep the configs that hold this K_PAD for this dot kind (:func:`_configs.topk_keeps`)."""
     k_pad = kwargs["K_PAD"]
-    kind = _dot_kind(named_args["x_ptr"].dtype, kwargs["DOT_PRECISION"])
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] >= k_pad and _max_k_pad(c, kind) >= k_pad]
+    kind = _configs.topk_dot_kind(named_args["x_ptr"].dtype, kwargs["DOT_PRECISION"])
+    kept = [c for c in configs if _configs.topk_keeps(c, kind, k_pad)]
     if not kept:
         raise ValueError(f"avgk_topk: no tuning config holds K_PAD={k_pad} (top_k <= {MAX_TOP_K})")
     return kept
 
 
 @triton.heuristics(_INTERPRET_HEURISTICS)
-@triton.autotune(
-    configs=_avgk_topk_configs(),
-    key=["d_model", "n_blocks", "K_PAD", "HAS_BIAS", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_avgk_topk},
-)
+@autotune(_configs.topk_configs(), ints=("d_model", "n_blocks"), prune=_prune)
 @triton.jit(do_not_specialize=["T"])
 def _avgk_topk_kernel(
     x_ptr,
@@ -238,17 +179,12 @@ def _avgk_topk_kernel(
             p_k = kbar_ptr + o_n[None, :].to(tl.int64) * stride_kbar_b + o_d[:, None]
             b_k = tl.load(p_k, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [D_STEP, BLOCK_N]
             if x_ptr.dtype.element_ty == tl.float32:
-                b_s = tl.dot(b_x, b_k, b_s, input_precision=DOT_PRECISION)
+                b_s = dot(b_x, b_k, b_s, DOT_PRECISION)
             else:
                 b_hi = b_k.to(x_ptr.dtype.element_ty)
                 b_lo = (b_k - b_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
-                if _UPCAST_16BIT_DOT:
-                    b_xf = b_x.to(tl.float32)
-                    b_s = tl.dot(b_xf, b_hi.to(tl.float32), b_s, input_precision="ieee")
-                    b_s = tl.dot(b_xf, b_lo.to(tl.float32), b_s, input_precision="ieee")
-                else:
-                    b_s = tl.dot(b_x, b_hi, b_s)
-                    b_s = tl.dot(b_x, b_lo, b_s)
+                b_s = dot(b_x, b_hi, b_s, DOT_PRECISION)
+                b_s = dot(b_x, b_lo, b_s, DOT_PRECISION)
         if HAS_BIAS:
             b_s += tl.load(bbar_ptr + o_n, mask=m_n, other=0.0)[None, :]
         b_s = tl.where(b_s == 0.0, 0.0, b_s)  # -0.0 -> +0.0: equal scores get equal keys
@@ -270,6 +206,7 @@ def _avgk_topk_kernel(
         tl.store(score_ptr + o_t[:, None] * stride_score_t + o_k[None, :], b_score, mask=m_out)
 
 
+@on_tensor_device
 def avgk_topk(
     x2d: torch.Tensor,
     kbar: torch.Tensor,
@@ -280,7 +217,8 @@ def avgk_topk(
     """Top-``top_k`` Avg-K blocks per token, best first; ties to the smaller block index.
 
     x2d: (T, d_model) contiguous fp32/fp16/bf16; kbar: (n_blocks, d_model) contiguous float32;
-    bbar: (n_blocks,) float32 or None; 1 <= top_k <= min(n_blocks, MAX_TOP_K).
+    bbar: (n_blocks,) float32 or None; 1 <= top_k <= n_blocks (the op layer validates), and
+    top_k <= MAX_TOP_K (else ValueError).
     Returns int32 (T, top_k) indices, and float32 (T, top_k) scores when ``return_scores``.
 
     Example::
@@ -288,20 +226,17 @@ def avgk_topk(
         kbar, bbar = block_means(keys, key_bias, 64)
         idx = avgk_topk(x.view(-1, d_model), kbar, bbar, 8)
     """
-    if x2d.dim() != 2 or kbar.dim() != 2 or x2d.shape[1] != kbar.shape[1]:
-        raise ValueError(f"x2d (T, d_model) and kbar (n_blocks, d_model) disagree: "
-                         f"{tuple(x2d.shape)} vs {tuple(kbar.shape)}")
-    if kbar.dtype != torch.float32 or (bbar is not None and bbar.dtype != torch.float32):
-        raise TypeError("kbar and bbar must be float32")
-    if not (x2d.is_contiguous() and kbar.is_contiguous()):
-        raise ValueError("x2d and kbar must be contiguous")
+    # The op layer validated the inputs; these only guard misuse. top_k past MAX_TOP_K is a
+    # limit of this kernel, not of the op (sfnn.ops scores those with torch).
     T, d_model = x2d.shape
     n_blocks = kbar.shape[0]
-    if bbar is not None and (bbar.shape != (n_blocks,) or not bbar.is_contiguous()):
-        raise ValueError(f"bbar must be contiguous of shape ({n_blocks},), "
-                         f"got {tuple(bbar.shape)}")
-    if not 1 <= top_k <= min(n_blocks, MAX_TOP_K):
-        raise ValueError(f"top_k={top_k} must be in [1, min(n_blocks={n_blocks}, {MAX_TOP_K})]")
+    assert kbar.shape == (n_blocks, d_model) and kbar.dtype == torch.float32, kbar.shape
+    assert bbar is None or (bbar.shape == (n_blocks,) and bbar.dtype == torch.float32)
+    assert x2d.is_contiguous() and kbar.is_contiguous()
+    assert bbar is None or bbar.is_contiguous()
+    assert 1 <= top_k <= n_blocks, (top_k, n_blocks)
+    if top_k > MAX_TOP_K:
+        raise ValueError(f"avgk_topk holds top_k <= {MAX_TOP_K} on chip, got top_k={top_k}")
     indices = torch.empty((T, top_k), device=x2d.device, dtype=torch.int32)
     scores = None
     if return_scores:
@@ -320,47 +255,7 @@ def avgk_topk(
         T, d_model, n_blocks, top_k,
         x2d.stride(0), kbar.stride(0), indices.stride(0),
         scores.stride(0) if scores is not None else 0,
-        HAS_BIAS=bbar is not None, RETURN_SCORES=return_scores, K_PAD=_k_pad(top_k),
-        DOT_PRECISION=precision, D_SPLIT=_d_split(x2d.dtype, precision),
+        HAS_BIAS=bbar is not None, RETURN_SCORES=return_scores, K_PAD=k_pad(top_k),
+        DOT_PRECISION=precision, D_SPLIT=d_split(x2d.dtype, precision),
     )
     return (indices, scores) if return_scores else indices
-
-
-def aot_specs() -> list[AOTSpec]:
-    """Every tuning config, with bias and scores on (the superset of the work), at the largest
-    K_PAD it admits (registers grow with K_PAD) in bf16, fp16 and fp32 with both dot precisions
-    where offered ("ieee" is an FMA dot by design, so not counted as a GEMM for HGMMA), and at
-    K_PAD 2 (the shortest bitonic network) in bf16."""
-    kernel = _avgk_topk_kernel
-    while not isinstance(kernel, triton.runtime.JITFunction):
-        kernel = kernel.fn
-    specs = []
-    for cfg in _avgk_topk_configs():
-        kw = cfg.kwargs
-        max_16 = _max_k_pad(cfg, "16bit")
-        variants = [("bf16", "tf32", 2), ("bf16", "tf32", max_16), ("fp16", "tf32", max_16),
-                    ("fp32", "tf32", _max_k_pad(cfg, "tf32")),
-                    ("fp32", "ieee", _max_k_pad(cfg, "ieee"))]
-        for t, prec, k_pad in variants:
-            if k_pad == 0:  # this shape is not offered for this dot kind
-                continue
-            signature = {
-                "x_ptr": f"*{t}", "kbar_ptr": "*fp32", "bbar_ptr": "*fp32",
-                "idx_ptr": "*i32", "score_ptr": "*fp32",
-                "T": "i32", "d_model": "i32", "n_blocks": "i32", "top_k": "i32",
-                "stride_x_t": "i32", "stride_kbar_b": "i32", "stride_idx_t": "i32",
-                "stride_score_t": "i32",
-                "HAS_BIAS": "constexpr", "RETURN_SCORES": "constexpr", "K_PAD": "constexpr",
-                "DOT_PRECISION": "constexpr", "D_SPLIT": "constexpr", "BLOCK_T": "constexpr",
-                "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-            }
-            constexprs = {"HAS_BIAS": True, "RETURN_SCORES": True, "K_PAD": k_pad,
-                          "DOT_PRECISION": prec, "D_SPLIT": _d_split(t, prec), **kw}
-            specs.append(AOTSpec(
-                name=(f"avgk_topk[{t}/{prec},T={kw['BLOCK_T']},N={kw['BLOCK_N']},"
-                      f"D={kw['BLOCK_D']},K={k_pad},w={cfg.num_warps}]"),
-                kernel=kernel, signature=signature, constexprs=constexprs,
-                is_gemm=not (t == "fp32" and prec == "ieee"),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-            ))
-    return specs

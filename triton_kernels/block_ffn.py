@@ -2,60 +2,60 @@
 
 ``y_t = sum_j gate[t, j] * sum_{i in block indices[t, j]} act(x_t . k_i + b_i) v_i + out_bias``
 
-Work is split into (block, tile of that block's pairs) programs. The pairs ``p = t * top_k + j``
-are sorted by block on the device (``routing.py``); a program finds its tile itself, gathers its
-tokens' rows of x straight from the index (no padded copy; only the last tile of a block is
-partial, and masked), and keeps ``H = act(X_b K_b^T + b_b)`` (``BLOCK_T x G``, G = block size
-rounded up to a power of two >= 16, the extra cells masked) on chip for the second GEMM
-``H V_b``, which it runs chunk by chunk over d_model. Any block size 1..256 works; the tile
-height ``BLOCK_T`` >= 64 keeps sm_90 on the wgmma (HGMMA) path.
+Work is split into tiles: ``BLOCK_T`` (token, slot) pairs of one block. The pairs
+``p = t * top_k + j`` are sorted by block on the device (``routing.py``); a program finds its
+tile itself, gathers its tokens' rows straight from the index (no padded copy; only the last tile
+of a block is partial, and masked). ``G`` is the block size rounded up to a power of two >= 16
+(extra cells masked), so any block size 1..256 works. The pre-activation
+``A = X_b K_b^T + b_b`` (``[BLOCK_T, G]``, "A" everywhere below) is stored per *sorted row* (row
+``r`` of the routing, so a tile's rows are contiguous) when the backward needs it.
 
-The combine (summing each token's ``top_k`` partial outputs):
+The combine (summing each token's ``top_k`` partial outputs, ``T * top_k * d_model`` fp32 adds):
 
-- default (``deterministic=False``, ``top_k > 1``): every program adds its fp32 partial rows
-  into one fp32 ``(T, d_model)`` buffer with ``atomic_add`` (initialised with ``out_bias``),
-  then the buffer is cast to the output dtype (for fp32 inputs the buffer is the output).
-  Cost: ``T * top_k * d_model`` fp32 atomic read-modify-writes, resolved in L2 (8 bytes of L2
-  traffic per element, against ``4 * g`` FLOPs per element of the pair's GEMMs), plus one
-  ``T * d_model`` fp32 read and output write for the cast; extra memory one fp32 ``(T, d)``.
-  The summation order depends on scheduling, so results may differ in the last bits.
-- ``deterministic=True`` (and always when ``top_k == 1``): the pairs are sorted by
-  (slot, block) and the kernel is launched once per slot. Within one slot every token occurs
-  once, so no two programs touch the same row: slot 0 stores its partial, the middle slots load,
-  add and store, and the last slot adds ``out_bias`` and writes the output in its dtype. The
-  sum is always taken in slot order: bitwise repeatable, no float atomics. Cost: the same
-  ``8 * T * top_k * d_model`` bytes of fp32 accumulator traffic (through L2/HBM instead of L2
-  atomics), ``top_k`` launches, and smaller tiles (a block's weights are read once per slot
-  that chose it, not once per block). Neither mode writes a ``(T * top_k, d_model)`` partial
-  buffer (9 GB in fp32 at 70k tokens, d 4096, top_k 8).
+- atomic (``deterministic=False``, ``top_k > 1``): every program adds its fp32 partial rows into
+  one fp32 ``(T, d_model)`` accumulator with ``atomic_add`` (a fresh buffer initialised with
+  ``out_bias``); 16-bit outputs are cast from it at the end, fp32 outputs are the buffer. Each add
+  is a read-modify-write of 8 bytes, resolved in L2 when the row is there, else through HBM.
+- by slot (``deterministic=True``, and always when ``top_k == 1``): the pairs are sorted by
+  (slot, block) and the kernels run once per slot; within a slot every token occurs once, so
+  slot 0 stores its partial, the middle slots load, add and store, and the last slot adds
+  ``out_bias`` and writes the output in its dtype. Bitwise repeatable, no float atomics.
 
-The backward scatters ``dx`` with the same two schemes.
+The *schedule* decides whether the atomic combine stays in L2 (``schedule=`` on the launchers,
+else the ``SFNN_COMBINE`` environment variable, else the cost model per shape, ``_model.py``):
 
-Recompute or store: the forward stores the pre-activation ``A = X_b K_b^T + b_b`` of every
-pair (``(T * top_k, g)`` in x's dtype, indexed by pair id) when ``save_for_backward``. Reading
-it back costs ``2 * g`` bytes per pair (bf16) where recomputing costs ``2 * d_model * g`` FLOPs
-and re-reading the keys; at d_model 4096 on an H200 the recompute takes about 10x longer than
-the load. The memory is ``top_k * g / d_ff`` of what a dense FFN's saved activation takes.
-``A`` (not ``H``) is kept because ``act'`` needs the pre-activation for gelu and silu. When
-``saved`` is empty the backward recomputes ``A`` instead.
+- ``"tile"``: one fused kernel per tile: ``H = act(A)`` on chip, then ``H V_b`` chunk by chunk
+  over all of d_model. The accumulator's rows are hit in block-major order, at random: at
+  T = 16k, d_model = 4096 it is 268 MB, far past L2, so most adds reach HBM.
+- ``"slice"``: d_model is cut into slices (``T * slice * 4`` bytes of accumulator, sized to L2)
+  and the grid runs the slices outermost (``program_id(1)``), the block-major tiles inside; a
+  first kernel stores A, and the output kernel re-reads its tile of A once per slice (``2 * g``
+  bytes per pair per slice) instead of recomputing ``X K^T``. dx is scheduled the same way.
 
-The backward runs three kernels, so that no program holds more than a BLOCK_G-cell chunk of a
-block (g = 256 would not fit in registers otherwise):
-``_block_ffn_bwd_kernel`` (dh; per tile, one launch over every segment) forms, BLOCK_G cells at
-a time, ``dH = dY V_b^T``, ``dgate = rowsum(H * dH)``, ``dA = gate * dH * act'(A)`` and
-``gH = gate * H`` and writes ``dA`` and ``gH`` (in the input dtype, per sorted row: 4 * g bytes
-per pair in bf16, written once and read twice); ``_block_ffn_bwd_dx_kernel`` (per tile)
-scatters ``dX = dA K_b`` with the same combine as the forward; ``_block_ffn_bwd_dw_kernel``
-(groupXtY: one program per (block, d_model chunk, cell chunk), looping over all of the block's
-rows in sorted order) forms ``dK_b^T = X^T dA``, ``dV_b^T = dY^T gH`` and ``db_b = colsum(dA)``
-with no atomics, and writes zeros for blocks nobody chose.
+Backward (``needs`` skips what is not asked for):
 
-fp32 inputs with matmul precision "highest" (true fp32 products) have no tensor-core path, so
-``tl.dot`` runs on the FMA units; the prune step then keeps one small (32 x 32) config per
-kernel. With "high"/"medium" the fp32 kernels use tf32 on the tensor cores and the normal tiles.
+- ``_block_ffn_dh_kernel`` per tile: ``dH = dY V_b^T`` (dY rows gathered once per tile when the
+  tile holds all G cells), ``dgate = rowsum(H * dH)``, ``dA = gate * dH * act'(A)``,
+  ``gH = gate * H``, stored per sorted row in x's dtype; by slot, one launch covers every slot
+  (``program_id(1)``), each program scanning only its slot's segments.
+- ``_block_ffn_dx_kernel`` per (tile, slice): ``dX = dA K_b``, the dA tile loaded once and kept on
+  chip across the d_model loop, combined like y.
+- ``_block_ffn_dw_kernel`` (groupXtY): one program per (d_model chunk, cell chunk, block), the
+  d_model chunk fastest in the grid so that the programs sharing a block's dA rows run together
+  and read them from L2; it forms ``dK_b^T = X^T dA`` (or ``dV_b^T = dY^T gH``) over the block's
+  rows in sorted order, slot by slot (the same sums every run), and ``dkey_bias`` in the
+  d-chunk-0 programs only. No atomics; blocks nobody chose get zeros.
+
+Recompute or store: storing A costs ``2 * g`` bytes per pair (bf16) where recomputing it costs
+``2 * d_model * g`` FLOPs and re-reads the keys; when ``saved`` is empty the backward recomputes.
+
+fp32 inputs under matmul precision "highest" (true fp32 products) have no tensor-core path:
+``tl.dot`` runs on the FMA units with small tiles (the "fma" configs of ``_configs.py``).
 
 Host side: no ``.item()``/``.cpu()``/``.tolist()``; grids are sized from host ints only
-(``max_tiles``), so the launchers are CUDA-graph and torch.compile friendly.
+(:func:`~.routing.max_tiles`), so the launchers are CUDA-graph and torch.compile friendly.
+Index arithmetic: pair ids, sorted rows, tokens and cells are int32 (they are < 2**31, checked by
+``route``); every offset that multiplies a stride or the block size is int64.
 """
 from __future__ import annotations
 
@@ -65,32 +65,38 @@ import torch
 import triton
 import triton.language as tl
 
-from sfnn._activations import ACTIVATIONS
+from . import _configs, _model
+from ._common import autotune, dot, dot_kind, dot_precision, on_tensor_device, unwrap
+from .routing import Routing, _find_tile, max_tiles, packed_numel
+from .routing import route as sort_pairs
 
-from ._common import TRITON_DTYPE_NAMES, AOTSpec, dot_precision
-from .routing import _find_tile, max_tiles, route
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SCHED_CHUNK = 256
-_MAX_G = 256
-# Triton's interpreter (3.6 and 3.9) multiplies bf16 dot operands as their raw uint16 bits; under
-# it, and only there, bf16 operands are upcast to fp32 before tl.dot (see _dot).
-_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
+MAX_BLOCK_SIZE = 256
+SCHEDULES = ("tile", "slice")
+# Chooses the combine schedule when a launcher is not told: "tile", "slice" or "auto" (default:
+# the cost model decides per shape).
+SCHEDULE_ENV = "SFNN_COMBINE"
 
 
-@triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr):
-    if _UPCAST_BF16_DOT:
-        if a.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+def _tuned(kernel: str, restore_value=()):
+    """Autotuned over ``_configs.configs(kernel)``; the prune step keeps the configs of the
+    launch's dot kind that fit its block size (:func:`_configs.launch_configs`)."""
+
+    def prune(configs, named_args, **kwargs):
+        G = kwargs["G"]
+        x = next(v for k, v in named_args.items() if k.endswith("_ptr") and hasattr(v, "dtype"))
+        dot_k = dot_kind(x.dtype, kwargs["DOT_PREC"])
+        keep = {id(c) for c in _configs.launch_configs(kernel, dot_k, G, x.element_size(),
+                                                        kwargs.get("LOAD_A", True))}
+        return [c for c in configs if id(c) in keep]
+
+    return autotune(_configs.configs(kernel), prune=prune, restore_value=restore_value)
 
 
 @triton.jit
 def _act(a, ACT: tl.constexpr):
     if ACT == "relu":
-        h = tl.maximum(a, 0.0)
+        h = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN (torch.relu)
     elif ACT == "gelu":
         h = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
     else:
@@ -112,30 +118,45 @@ def _act_grad(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x, stride_k,
-                    DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                    G: tl.constexpr):
-    """X[tok] T[cells]^T in fp32, [BLOCK_T, G]: gathered rows of a (T, d_model) activation
-    against rows of a (d_ff, d_model) table (keys for A, values for dH)."""
-    acc = tl.zeros([BLOCK_T, G], dtype=tl.float32)
-    for d0 in range(0, d_model, BLOCK_K):
-        dk = d0 + tl.arange(0, BLOCK_K)
-        dmask = dk < d_model
-        b_x = tl.load(x_ptr + tok[:, None] * stride_x + dk[None, :],
-                      mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_K]
-        b_k = tl.load(keys_ptr + cells[None, :] * stride_k + dk[:, None],
-                      mask=cmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_K, G]
-        acc = _dot(b_x, b_k, acc, DOT_PREC)
-    return acc
+def _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr, top_k, BLOCK_T: tl.constexpr,
+          CHUNK: tl.constexpr):
+    """Tile ``i_t`` of the segments ``[seg_base, seg_base + n_blocks)``: (block, sorted rows
+    int32 [BLOCK_T], row mask, pair ids int32, tokens int64, found)."""
+    i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
+    o_r = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T] int32
+    m_r = o_r < row_end
+    pair = tl.load(order_ptr + o_r, mask=m_r, other=0)  # [BLOCK_T] int32
+    tok = (pair // top_k).to(tl.int64)
+    return i_b, o_r, m_r, pair, tok, found
 
 
 @triton.jit
-def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, d_model, stride_out,
-                     HAS_OB: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
-                     LAST: tl.constexpr):
+def _gather_dot(src_ptr, tok, m_r, table_ptr, cells, m_c, d_model, stride_src, stride_table,
+                DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                NC: tl.constexpr):
+    """``src[tok] @ table[cells]^T`` in fp32, [BLOCK_T, NC]: gathered rows of a (T, d_model)
+    activation against rows of a (d_ff, d_model) table (x and keys for A, dy and values for dH)."""
+    b_acc = tl.zeros([BLOCK_T, NC], dtype=tl.float32)
+    p_src = src_ptr + tok[:, None] * stride_src  # [BLOCK_T, 1]
+    p_tab = table_ptr + cells.to(tl.int64)[None, :] * stride_table  # [1, NC]
+    for k0 in range(0, d_model, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < d_model
+        b_s = tl.load(p_src + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
+                      other=0.0)  # [BLOCK_T, BLOCK_K]
+        b_w = tl.load(p_tab + o_k[:, None], mask=m_c[None, :] & m_k[:, None],
+                      other=0.0)  # [BLOCK_K, NC]
+        b_acc = dot(b_s, b_w, b_acc, DOT_PREC)
+    return b_acc
+
+
+@triton.jit
+def _combine(b_out, tok, m_r, o_d, m_d, acc_ptr, out_ptr, ob_ptr, d_model, stride_out,
+             HAS_OB: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
+             LAST: tl.constexpr):
     """Adds fp32 partial rows [BLOCK_T, BLOCK_D] into the token rows (see the combine)."""
-    m = rmask[:, None] & dmask[None, :]
-    p_acc = acc_ptr + tok[:, None] * d_model + dn[None, :]
+    m = m_r[:, None] & m_d[None, :]
+    p_acc = acc_ptr + tok[:, None] * d_model + o_d[None, :]
     if ATOMIC:
         tl.atomic_add(p_acc, b_out, mask=m, sem="relaxed")
     else:
@@ -143,562 +164,566 @@ def _accumulate_rows(b_out, tok, rmask, dn, dmask, acc_ptr, out_ptr, ob_ptr, d_m
             b_out += tl.load(p_acc, mask=m, other=0.0)
         if LAST:
             if HAS_OB:
-                b_out += tl.load(ob_ptr + dn, mask=dmask, other=0.0).to(tl.float32)[None, :]
-            p_out = out_ptr + tok[:, None] * stride_out + dn[None, :]
+                b_out += tl.load(ob_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+            p_out = out_ptr + tok[:, None] * stride_out + o_d[None, :]
             tl.store(p_out, b_out.to(out_ptr.dtype.element_ty), mask=m)
         else:
             tl.store(p_acc, b_out, mask=m)
 
 
-def _configs(kind: str, interpret: bool = _INTERPRET) -> list:
-    """Tuning configs of one kernel ("fwd", "dh", "dx", "dw"); one config under the interpreter.
-
-    Meta-parameters: BLOCK_T token rows per tile, BLOCK_K d_model step of the X K^T GEMM,
-    BLOCK_D d_model chunk of the output / gradient GEMMs, BLOCK_G cells per chunk (backward).
-    GPU tiles: the token tile (M of the fwd/dh/dx GEMMs) and the d_model chunk (M of the dW
-    GEMMs) are >= 64 so sm_90 runs them as wgmma; the prune step drops configs whose
-    accumulators or pipelined tiles do not fit at the padded block size G (see _fits).
-    """
-    if interpret:
-        return [triton.Config({"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_G": 16},
-                              num_warps=4, num_stages=1)]
-    shapes = {  # (BLOCK_T, BLOCK_K, BLOCK_D, BLOCK_G, num_warps, num_stages)
-        "fwd": [(64, 64, 64, 0, 4, 3), (64, 64, 128, 0, 8, 3), (128, 32, 64, 0, 8, 3),
-                (64, 32, 64, 0, 8, 2), (64, 32, 32, 0, 8, 2)],
-        "dh": [(64, 64, 64, 64, 8, 3), (64, 32, 64, 32, 4, 3), (64, 64, 128, 64, 8, 3)],
-        "dx": [(64, 0, 64, 64, 4, 3), (64, 0, 128, 64, 8, 3), (128, 0, 64, 64, 8, 3)],
-        "dw": [(64, 0, 64, 64, 4, 3), (64, 0, 128, 64, 8, 3), (128, 0, 64, 128, 8, 3),
-               (32, 0, 128, 128, 8, 4)],
-    }[kind]
-    # True-fp32 products (input_precision="ieee", the default for fp32 inputs) have no
-    # tensor-core path: tl.dot runs on FMA units and needs small tiles to stay in registers.
-    shapes = shapes + _IEEE_SHAPES[kind]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "BLOCK_D": bd, "BLOCK_G": bg},
-                          num_warps=w, num_stages=s) for bt, bk, bd, bg, w, s in shapes]
+@triton.jit
+def _rows_times_table(b_lhs, cells, m_c, table_ptr, stride_table, tok, m_r, acc_ptr, out_ptr,
+                      ob_ptr, i_s, slice_d, d_model, stride_out,
+                      DOT_PREC: tl.constexpr, HAS_OB: tl.constexpr, ATOMIC: tl.constexpr,
+                      FIRST: tl.constexpr, LAST: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """``b_lhs [BLOCK_T, G] @ table[cells, slice]`` chunk by chunk over the d_model slice
+    ``i_s`` (columns ``[i_s * slice_d, (i_s + 1) * slice_d)``), each chunk combined into the
+    token rows: ``H V`` for y, ``dA K`` for dx."""
+    d_lo = i_s * slice_d
+    d_hi = tl.minimum(d_lo + slice_d, d_model)
+    p_tab = table_ptr + cells.to(tl.int64)[:, None] * stride_table  # [G, 1]
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < d_hi
+        b_w = tl.load(p_tab + o_d[None, :], mask=m_c[:, None] & m_d[None, :],
+                      other=0.0)  # [G, BLOCK_D]
+        b_out = dot(b_lhs, b_w, tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32), DOT_PREC)
+        _combine(b_out, tok, m_r, o_d, m_d, acc_ptr, out_ptr, ob_ptr, d_model, stride_out,
+                 HAS_OB, ATOMIC, FIRST, LAST)
 
 
-_IEEE_SHAPES = {"fwd": [(32, 16, 32, 0, 8, 2), (32, 32, 32, 0, 8, 2)],
-                "dh": [(32, 32, 32, 32, 8, 2), (32, 32, 32, 32, 8, 3)],
-                "dx": [(32, 0, 32, 32, 4, 2)],
-                "dw": [(32, 0, 32, 32, 4, 2)]}
-
-
-def _is_ieee(cfg) -> bool:
-    """The FMA-path config of a kernel (32 x 32 tiles), used only for ``DOT_PREC="ieee"``."""
-    return cfg.kwargs["BLOCK_T"] == 32 and cfg.kwargs["BLOCK_D"] == 32
-
-
-def _ieee_dh_stages_ok(kind: str, cfg, load_a) -> bool:
-    """The FMA-path dh kernel compiles without a stack frame at 3 stages when it loads A and
-    at 2 when it recomputes A (triton 3.6 and 3.9, sm_80 and sm_90)."""
-    if kind != "dh" or not _is_ieee(cfg) or load_a is None:
-        return True
-    return cfg.num_stages == (3 if load_a else 2)
-
-
-def _fits(kind: str, cfg, G: int, elem: int) -> bool:
-    """Register and shared-memory estimate of one config at padded block size G.
-
-    Calibrated against the compiled kernels (``bench/aot_check.py``: registers and spills from
-    ``cuobjdump``) on sm_80, the tighter target. fp32 accumulator elements per thread held
-    across a loop: fwd (H and the output chunk) <= 80; dh (dH chunk, with A, H and dA beside
-    it) <= 16; dx (output chunk) <= 32; dW (transposed weight chunk) <= 64; for fp32 the dx
-    and dW d_model chunks <= 64. Shared memory: the
-    pipelined tiles of the larger GEMM loop (plus H) within 160 KB (sm_80 allows 163 KB).
-    """
-    kw = cfg.kwargs
-    bt, bk, bd, bg = kw["BLOCK_T"], kw["BLOCK_K"], kw["BLOCK_D"], kw["BLOCK_G"]
-    if _is_ieee(cfg):  # FMA path; the forward's K step is spill-free at 16 up to g=64, else 32
-        return kind != "fwd" or (bk == 16) == (G <= 64)
-    threads = 32 * cfg.num_warps
-    s = cfg.num_stages
-    if kind == "fwd":
-        ok = bt * (G + bd) / threads <= 80
-        smem = s * max(bt * bk + bk * G, G * bd) * elem + bt * G * elem
-    elif kind == "dh":
-        ok = bg <= G and bt * bg / threads <= 16
-        smem = s * max(bt * bd + bd * bg, bt * bk + bk * bg) * elem
-    elif kind == "dx":
-        ok = bg <= G and bt * bd / threads <= 32 and (elem < 4 or bd <= 64)
-        smem = s * (bt * bg + bg * bd) * elem
-    else:
-        ok = bg <= G and bd * bg / threads <= 64 and (elem < 4 or bd <= 64)
-        smem = s * (bd * bt + bt * bg) * elem
-    return ok and smem <= 160 * 1024
-
-
-def _pruner(kind: str):
-    def prune(configs, named_args, **kwargs):
-        G = _padded_block(kwargs.get("BS", named_args.get("BS")))
-        x = named_args.get("x_ptr", named_args.get("keys_ptr"))
-        elem = x.element_size() if hasattr(x, "element_size") else 2
-        ieee = kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee"
-        kept = [c for c in configs if _is_ieee(c) == ieee and _fits(kind, c, G, elem)
-                and _ieee_dh_stages_ok(kind, c, kwargs.get("LOAD_A"))]
-        if not kept:  # never empty: the smallest config
-            kept = [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_D"])]
-        return kept
-    return prune
-
-
-@triton.autotune(configs=_configs("fwd"), key=["d_model", "G", "ACT", "GATED", "SAVE_A"],
-                 prune_configs_by={"early_config_prune": _pruner("fwd")},
-                 restore_value=["acc_ptr", "y_ptr"])
+@_tuned("fwd", restore_value=("acc_ptr", "y_ptr"))
 @triton.jit(do_not_specialize=["seg_base"])
 def _block_ffn_fwd_kernel(
     x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, ob_ptr, order_ptr, seg_off_ptr, a_ptr,
     acc_ptr, y_ptr,
-    d_model, top_k, n_blocks, seg_base,
+    d_model, top_k, n_blocks, seg_base, slice_d,
     stride_x, stride_k, stride_v, stride_y,
     BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
-    HAS_OB: tl.constexpr, GATED: tl.constexpr, SAVE_A: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_OB: tl.constexpr, HAS_GATES: tl.constexpr, SAVE_A: tl.constexpr, ATOMIC: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per tile: A = X_b K_b^T + b_b (stored per pair when SAVE_A), H = act(A) on chip,
-    then H V_b chunk by chunk over d_model, times the gate, combined into y.
-    (BLOCK_G is unused here: one config list serves every kernel.)"""
+    """Fused forward of one (tile, d_model slice): ``A = X K^T + b`` (stored when SAVE_A),
+    ``H = gate * act(A)`` on chip, then ``H V`` over the slice, combined into y."""
     i_t = tl.program_id(0)
-    i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
+    i_s = tl.program_id(1)
+    i_b, o_r, m_r, pair, tok, found = _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr,
+                                           top_k, BLOCK_T, CHUNK)
     if found == 0:
         return
-    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    rmask = rows < row_end
-    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tok = pair // top_k
     o_c = tl.arange(0, G)
-    cmask = o_c < BS
-    cells = i_b.to(tl.int64) * BS + o_c  # [G]
-
-    b_a = _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model, stride_x,
-                          stride_k, DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
+    m_c = o_c < BS
+    cells = i_b * BS + o_c  # [G] int32
+    b_a = _gather_dot(x_ptr, tok, m_r, keys_ptr, cells, m_c, d_model, stride_x, stride_k,
+                      DOT_PREC, BLOCK_T, BLOCK_K, G)  # [BLOCK_T, G]
     if HAS_KB:
-        b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        b_a += tl.load(kb_ptr + cells, mask=m_c, other=0.0).to(tl.float32)[None, :]
     if SAVE_A:
-        tl.store(a_ptr + pair[:, None] * BS + o_c[None, :], b_a.to(a_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
-    b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0).to(values_ptr.dtype.element_ty)
-    if GATED:
-        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
-
-    for d0 in range(0, d_model, BLOCK_D):
-        dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < d_model
-        b_v = tl.load(values_ptr + cells[:, None] * stride_v + dn[None, :],
-                      mask=cmask[:, None] & dmask[None, :], other=0.0)  # [G, BLOCK_D]
-        b_y = _dot(b_h, b_v, None, DOT_PREC)  # [BLOCK_T, BLOCK_D]
-        if GATED:
-            b_y = b_y * b_g[:, None]
-        _accumulate_rows(b_y, tok, rmask, dn, dmask, acc_ptr, y_ptr, ob_ptr, d_model, stride_y,
-                         HAS_OB, ATOMIC, FIRST, LAST)
+        tl.store(a_ptr + o_r.to(tl.int64)[:, None] * BS + o_c[None, :],
+                 b_a.to(a_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+    b_h = tl.where(m_c[None, :], _act(b_a, ACT), 0.0)
+    if HAS_GATES:
+        b_h *= tl.load(gates_ptr + pair, mask=m_r, other=0.0)[:, None]
+    _rows_times_table(b_h.to(values_ptr.dtype.element_ty), cells, m_c, values_ptr, stride_v, tok,
+                      m_r, acc_ptr, y_ptr, ob_ptr, i_s, slice_d, d_model, stride_y, DOT_PREC,
+                      HAS_OB, ATOMIC, FIRST, LAST, BLOCK_T, BLOCK_D)
 
 
-
-@triton.autotune(configs=_configs("dh"), key=["d_model", "BS", "ACT", "GATED", "LOAD_A"],
-                 prune_configs_by={"early_config_prune": _pruner("dh")})
+@_tuned("pre")
 @triton.jit
-def _block_ffn_bwd_kernel(
+def _block_ffn_pre_kernel(
+    x_ptr, keys_ptr, kb_ptr, order_ptr, seg_off_ptr, a_ptr,
+    d_model, top_k, n_blocks,
+    stride_x, stride_k,
+    BS: tl.constexpr, G: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Pre-activation of one tile, ``A = X K^T + b``, stored per sorted row (slice schedule;
+    by slot, ``program_id(1)`` is the slot)."""
+    i_t = tl.program_id(0)
+    seg_base = tl.program_id(1) * n_blocks
+    i_b, o_r, m_r, pair, tok, found = _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr,
+                                           top_k, BLOCK_T, CHUNK)
+    if found == 0:
+        return
+    o_c = tl.arange(0, G)
+    m_c = o_c < BS
+    cells = i_b * BS + o_c
+    b_a = _gather_dot(x_ptr, tok, m_r, keys_ptr, cells, m_c, d_model, stride_x, stride_k,
+                      DOT_PREC, BLOCK_T, BLOCK_K, G)
+    if HAS_KB:
+        b_a += tl.load(kb_ptr + cells, mask=m_c, other=0.0).to(tl.float32)[None, :]
+    tl.store(a_ptr + o_r.to(tl.int64)[:, None] * BS + o_c[None, :],
+             b_a.to(a_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
+
+
+@_tuned("out", restore_value=("acc_ptr", "y_ptr"))
+@triton.jit(do_not_specialize=["seg_base"])
+def _block_ffn_out_kernel(
+    values_ptr, gates_ptr, ob_ptr, order_ptr, seg_off_ptr, a_ptr, acc_ptr, y_ptr,
+    d_model, top_k, n_blocks, seg_base, slice_d,
+    stride_v, stride_y,
+    BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_OB: tl.constexpr,
+    HAS_GATES: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Output of one (tile, d_model slice) from the stored A: ``H = gate * act(A)``, ``H V``
+    over the slice, combined into y (slice schedule: the slices run outermost)."""
+    i_t = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_b, o_r, m_r, pair, tok, found = _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr,
+                                           top_k, BLOCK_T, CHUNK)
+    if found == 0:
+        return
+    o_c = tl.arange(0, G)
+    m_c = o_c < BS
+    cells = i_b * BS + o_c
+    b_a = tl.load(a_ptr + o_r.to(tl.int64)[:, None] * BS + o_c[None, :],
+                  mask=m_r[:, None] & m_c[None, :], other=0.0).to(tl.float32)  # [BLOCK_T, G]
+    b_h = tl.where(m_c[None, :], _act(b_a, ACT), 0.0)
+    if HAS_GATES:
+        b_h *= tl.load(gates_ptr + pair, mask=m_r, other=0.0)[:, None]
+    _rows_times_table(b_h.to(values_ptr.dtype.element_ty), cells, m_c, values_ptr, stride_v, tok,
+                      m_r, acc_ptr, y_ptr, ob_ptr, i_s, slice_d, d_model, stride_y, DOT_PREC,
+                      HAS_OB, ATOMIC, FIRST, LAST, BLOCK_T, BLOCK_D)
+
+
+@_tuned("dh")
+@triton.jit
+def _block_ffn_dh_kernel(
     x_ptr, keys_ptr, values_ptr, kb_ptr, gates_ptr, dy_ptr, a_ptr, order_ptr, seg_off_ptr,
     da_ptr, gh_ptr, dgates_ptr,
-    d_model, top_k, n_blocks, n_seg,
+    d_model, top_k, n_blocks,
     stride_x, stride_k, stride_v, stride_dy,
-    BS: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr, GATED: tl.constexpr,
-    LOAD_A: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BS: tl.constexpr, G: tl.constexpr, ACT: tl.constexpr, HAS_KB: tl.constexpr,
+    HAS_GATES: tl.constexpr, LOAD_A: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_GH: tl.constexpr, NEED_DGATES: tl.constexpr, DOT_PREC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """Per tile, BLOCK_G cells at a time: dH = dY V^T, dgate = rowsum(H * dH),
-    dA = gate * dH * act'(A), gH = gate * H; dA and gH stored per sorted row."""
+    """Per tile, BLOCK_G cells at a time: ``dH = dY V^T``, ``dgate = rowsum(H * dH)``,
+    ``dA = gate * dH * act'(A)``, ``gH = gate * H``; dA and gH stored per sorted row, each only
+    when needed (by slot, ``program_id(1)`` is the slot)."""
     i_t = tl.program_id(0)
-    i_s, row0, row_end, found = _find_tile(i_t, seg_off_ptr, 0, n_seg, BLOCK_T, CHUNK)
+    seg_base = tl.program_id(1) * n_blocks
+    i_b, o_r, m_r, pair, tok, found = _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr,
+                                           top_k, BLOCK_T, CHUNK)
     if found == 0:
         return
-    i_b = i_s % n_blocks
-    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    rmask = rows < row_end
-    pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    tok = pair // top_k
-    p_rows = rows.to(tl.int64)[:, None] * BS
-    if GATED:
-        b_g = tl.load(gates_ptr + pair, mask=rmask, other=0.0)  # [BLOCK_T] fp32
+    p_rows = o_r.to(tl.int64)[:, None] * BS  # [BLOCK_T, 1]
+    if HAS_GATES:
+        b_gate = tl.load(gates_ptr + pair, mask=m_r, other=0.0)  # [BLOCK_T] fp32
         b_dgate = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c0 in range(0, BS, BLOCK_G):
         o_c = c0 + tl.arange(0, BLOCK_G)
-        cmask = o_c < BS
-        cells = i_b.to(tl.int64) * BS + o_c  # [BLOCK_G]
-        m_rc = rmask[:, None] & cmask[None, :]
-        # dH = dY_rows V_cells^T: the same gathered-rows product as the pre-activation.
-        b_dh = _rows_dot_cells(dy_ptr, values_ptr, tok, rmask, cells, cmask, d_model, stride_dy,
-                               stride_v, DOT_PREC, BLOCK_T, BLOCK_D, BLOCK_G)  # [BLOCK_T, BLOCK_G]
+        m_c = o_c < BS
+        cells = i_b * BS + o_c  # [BLOCK_G]
+        m_rc = m_r[:, None] & m_c[None, :]
+        if NEED_DA or NEED_DGATES:
+            b_dh = _gather_dot(dy_ptr, tok, m_r, values_ptr, cells, m_c, d_model, stride_dy,
+                               stride_v, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
         if LOAD_A:
-            b_a = tl.load(a_ptr + pair[:, None] * BS + o_c[None, :], mask=m_rc,
-                          other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_G]
+            b_a = tl.load(a_ptr + p_rows + o_c[None, :], mask=m_rc, other=0.0).to(tl.float32)
         else:
-            b_a = _rows_dot_cells(x_ptr, keys_ptr, tok, rmask, cells, cmask, d_model,
-                                  stride_x, stride_k, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
+            b_a = _gather_dot(x_ptr, tok, m_r, keys_ptr, cells, m_c, d_model, stride_x,
+                              stride_k, DOT_PREC, BLOCK_T, BLOCK_K, BLOCK_G)
             if HAS_KB:
-                b_a += tl.load(kb_ptr + cells, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        b_h = tl.where(cmask[None, :], _act(b_a, ACT), 0.0)
-        if GATED:
-            b_dgate += tl.sum(b_h * b_dh, 1)
-            b_dh = b_dh * b_g[:, None]
-            b_h = b_h * b_g[:, None]
-        b_da = tl.where(cmask[None, :], b_dh * _act_grad(b_a, ACT), 0.0)
-        tl.store(da_ptr + p_rows + o_c[None, :], b_da.to(da_ptr.dtype.element_ty), mask=m_rc)
-        tl.store(gh_ptr + p_rows + o_c[None, :], b_h.to(gh_ptr.dtype.element_ty), mask=m_rc)
-    if GATED:
-        tl.store(dgates_ptr + pair, b_dgate, mask=rmask)
+                b_a += tl.load(kb_ptr + cells, mask=m_c, other=0.0).to(tl.float32)[None, :]
+        if NEED_GH or NEED_DGATES:
+            b_h = tl.where(m_c[None, :], _act(b_a, ACT), 0.0)
+            if NEED_DGATES:
+                b_dgate += tl.sum(b_h * b_dh, 1)
+            if NEED_GH:
+                if HAS_GATES:
+                    b_h *= b_gate[:, None]
+                tl.store(gh_ptr + p_rows + o_c[None, :], b_h.to(gh_ptr.dtype.element_ty),
+                         mask=m_rc)
+        if NEED_DA:
+            if HAS_GATES:
+                b_dh *= b_gate[:, None]
+            b_da = tl.where(m_c[None, :], b_dh * _act_grad(b_a, ACT), 0.0)
+            tl.store(da_ptr + p_rows + o_c[None, :], b_da.to(da_ptr.dtype.element_ty),
+                     mask=m_rc)
+    if NEED_DGATES:
+        tl.store(dgates_ptr + pair, b_dgate, mask=m_r)
 
 
-@triton.autotune(configs=_configs("dx"), key=["d_model", "BS"],
-                 prune_configs_by={"early_config_prune": _pruner("dx")},
-                 restore_value=["acc_ptr", "dx_ptr"])
+@_tuned("dx", restore_value=("acc_ptr", "dx_ptr"))
 @triton.jit(do_not_specialize=["seg_base"])
-def _block_ffn_bwd_dx_kernel(
-    keys_ptr, da_ptr, order_ptr, seg_off_ptr, acc_ptr, dx_ptr,
-    d_model, top_k, n_blocks, seg_base,
+def _block_ffn_dx_kernel(
+    keys_ptr, order_ptr, seg_off_ptr, da_ptr, acc_ptr, dx_ptr,
+    d_model, top_k, n_blocks, seg_base, slice_d,
     stride_k, stride_dx,
-    BS: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
-    DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BS: tl.constexpr, G: tl.constexpr, ATOMIC: tl.constexpr, FIRST: tl.constexpr,
+    LAST: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Per tile: dX rows = dA_rows K_b, chunk by chunk over d_model, combined like y."""
+    """One (tile, d_model slice): ``dX rows = dA K_b`` over the slice, the dA tile loaded once,
+    combined like y."""
     i_t = tl.program_id(0)
-    i_b, row0, row_end, found = _find_tile(i_t, seg_off_ptr, seg_base, n_blocks, BLOCK_T, CHUNK)
+    i_s = tl.program_id(1)
+    i_b, o_r, m_r, pair, tok, found = _tile(i_t, seg_off_ptr, seg_base, n_blocks, order_ptr,
+                                           top_k, BLOCK_T, CHUNK)
     if found == 0:
         return
-    rows = row0 + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    rmask = rows < row_end
-    tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64) // top_k
-    p_rows = rows.to(tl.int64)[:, None] * BS
-    for d0 in range(0, d_model, BLOCK_D):
-        dn = d0 + tl.arange(0, BLOCK_D)
-        dmask = dn < d_model
-        b_dx = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        for c0 in range(0, BS, BLOCK_G):
-            o_c = c0 + tl.arange(0, BLOCK_G)
-            cmask = o_c < BS
-            cells = i_b.to(tl.int64) * BS + o_c
-            b_da = tl.load(da_ptr + p_rows + o_c[None, :],
-                           mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_G]
-            b_k = tl.load(keys_ptr + cells[:, None] * stride_k + dn[None, :],
-                          mask=cmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-            b_dx = _dot(b_da, b_k, b_dx, DOT_PREC)
-        _accumulate_rows(b_dx, tok, rmask, dn, dmask, acc_ptr, dx_ptr, dx_ptr, d_model,
-                         stride_dx, False, ATOMIC, FIRST, LAST)
+    o_c = tl.arange(0, G)
+    m_c = o_c < BS
+    cells = i_b * BS + o_c
+    b_da = tl.load(da_ptr + o_r.to(tl.int64)[:, None] * BS + o_c[None, :],
+                   mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BLOCK_T, G]
+    _rows_times_table(b_da, cells, m_c, keys_ptr, stride_k, tok, m_r, acc_ptr, dx_ptr, dx_ptr,
+                      i_s, slice_d, d_model, stride_dx, DOT_PREC, False, ATOMIC, FIRST, LAST,
+                      BLOCK_T, BLOCK_D)
 
 
-@triton.autotune(configs=_configs("dw"), key=["d_model", "BS"],
-                 prune_configs_by={"early_config_prune": _pruner("dw")})
+@_tuned("dw")
 @triton.jit
-def _block_ffn_bwd_dw_kernel(
-    x_ptr, buf_ptr, order_ptr, seg_off_ptr, out_ptr, dkb_ptr,
+def _block_ffn_dw_kernel(
+    src_ptr, buf_ptr, order_ptr, seg_off_ptr, dw_ptr, db_ptr,
     d_model, top_k, n_blocks, n_slots,
-    stride_x, stride_out,
-    BS: tl.constexpr, HAS_KB: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    stride_src, stride_dw,
+    BS: tl.constexpr, G: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """groupXtY: ``out[block b cells, chunk]^T = sum over b's rows X[tok(row), chunk]^T buf[row]``
-    (X = x, buf = dA for dkeys; X = dy, buf = gate * H for dvalues). With ``HAS_KB`` the
-    d-chunk-0 programs also write ``dkb[b] = colsum(buf)``. Rows are visited in sorted order,
-    slot by slot, so the sums are the same on every run."""
-    i_b = tl.program_id(0)
-    i_d = tl.program_id(1)
-    i_c = tl.program_id(2)
-    dn = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = dn < d_model
+    """groupXtY: ``dw[block b cells, chunk]^T = sum over b's rows src[tok(row), chunk]^T
+    buf[row]`` (src = x, buf = dA for dkeys; src = dy, buf = gate * H for dvalues); with HAS_DB
+    the d-chunk-0 programs also write ``db[b] = colsum(buf)``. Grid: (d_model chunk, cell
+    chunk, block), the d_model chunk fastest."""
+    i_d = tl.program_id(0)
+    i_c = tl.program_id(1)
+    i_b = tl.program_id(2)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)  # [BLOCK_D] int32
+    m_d = o_d < d_model
     o_c = i_c * BLOCK_G + tl.arange(0, BLOCK_G)
-    cmask = o_c < BS
-    acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
+    m_c = o_c < BS
+    b_acc = tl.zeros([BLOCK_D, BLOCK_G], dtype=tl.float32)
     b_db = tl.zeros([BLOCK_G], dtype=tl.float32)
+    first_chunk = i_d == 0  # the bias sum is done once, by the d-chunk-0 programs
     for j in range(0, n_slots):
         seg = j * n_blocks + i_b
         start = tl.load(seg_off_ptr + seg)
         end = tl.load(seg_off_ptr + seg + 1)
         for r0 in range(start, end, BLOCK_T):
-            rows = r0 + tl.arange(0, BLOCK_T)
-            rmask = rows < end
-            tok = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64) // top_k
-            b_xt = tl.load(x_ptr + tok[None, :] * stride_x + dn[:, None],
-                           mask=rmask[None, :] & dmask[:, None], other=0.0)  # [BLOCK_D, BLOCK_T]
-            b_buf = tl.load(buf_ptr + rows.to(tl.int64)[:, None] * BS + o_c[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0)  # [BLOCK_T, BLOCK_G]
-            acc = _dot(b_xt, b_buf, acc, DOT_PREC)
-            if HAS_KB:
-                b_db += tl.sum(b_buf.to(tl.float32), 0)
-    cells = i_b.to(tl.int64) * BS + o_c
-    tl.store(out_ptr + cells[None, :] * stride_out + dn[:, None],
-             acc.to(out_ptr.dtype.element_ty), mask=cmask[None, :] & dmask[:, None])
-    if HAS_KB:
-        if i_d == 0:
-            tl.store(dkb_ptr + cells, b_db.to(dkb_ptr.dtype.element_ty), mask=cmask)
+            o_r = r0 + tl.arange(0, BLOCK_T)  # [BLOCK_T] int32
+            m_r = o_r < end
+            tok = (tl.load(order_ptr + o_r, mask=m_r, other=0) // top_k).to(tl.int64)
+            b_buf = tl.load(buf_ptr + o_r.to(tl.int64)[:, None] * BS + o_c[None, :],
+                            mask=m_r[:, None] & m_c[None, :], other=0.0)  # [BLOCK_T, BLOCK_G]
+            if HAS_DW:
+                b_srct = tl.load(src_ptr + tok[None, :] * stride_src + o_d[:, None],
+                                 mask=m_r[None, :] & m_d[:, None],
+                                 other=0.0)  # [BLOCK_D, BLOCK_T]
+                b_acc = dot(b_srct, b_buf, b_acc, DOT_PREC)
+            if HAS_DB:
+                if first_chunk:
+                    b_db += tl.sum(b_buf.to(tl.float32), 0)
+    cells = (i_b * BS + o_c).to(tl.int64)
+    if HAS_DW:
+        tl.store(dw_ptr + cells[None, :] * stride_dw + o_d[:, None],
+                 b_acc.to(dw_ptr.dtype.element_ty), mask=m_c[None, :] & m_d[:, None])
+    if HAS_DB:
+        if first_chunk:
+            tl.store(db_ptr + cells, b_db.to(db_ptr.dtype.element_ty), mask=m_c)
 
 
-def _padded_block(block_size: int) -> int:
-    if not 1 <= block_size <= _MAX_G:
-        raise ValueError(f"block_size must be in [1, {_MAX_G}] for the Triton block FFN, "
-                         f"got {block_size}")
+def padded_block(block_size: int) -> int:
+    """G: the block size rounded up to a power of two >= 16 (``tl.dot`` needs >= 16)."""
     return max(16, triton.next_power_of_2(block_size))
 
 
-def _check(x2d, keys, values, indices, key_bias, gates, block_size, activation):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if x2d.dim() != 2 or keys.dim() != 2 or keys.shape != values.shape:
-        raise ValueError(f"x2d (T, d), keys and values (d_ff, d) expected, got x2d "
-                         f"{tuple(x2d.shape)}, keys {tuple(keys.shape)}, values "
-                         f"{tuple(values.shape)}")
-    if keys.shape[1] != x2d.shape[1]:
-        raise ValueError(f"keys {tuple(keys.shape)} do not match x2d {tuple(x2d.shape)}")
-    if keys.dtype != x2d.dtype or values.dtype != x2d.dtype:
-        raise TypeError(f"x2d, keys and values must share a dtype, got {x2d.dtype}, "
-                        f"{keys.dtype}, {values.dtype}")
-    if keys.shape[0] % block_size:
-        raise ValueError(f"block_size {block_size} does not divide d_ff {keys.shape[0]}")
-    if indices.dtype != torch.int32 or indices.dim() != 2 or indices.shape[0] != x2d.shape[0]:
-        raise ValueError(f"indices must be int32 (T, top_k), got {indices.dtype} "
-                         f"{tuple(indices.shape)}")
-    if gates is not None and (gates.dtype != torch.float32 or gates.shape != indices.shape):
-        raise ValueError(f"gates must be float32 {tuple(indices.shape)}, got {gates.dtype} "
-                         f"{tuple(gates.shape)}")
-    if key_bias is not None and key_bias.shape != (keys.shape[0],):
-        raise ValueError(f"key_bias must be ({keys.shape[0]},), got {tuple(key_bias.shape)}")
-    for name, t in (("x2d", x2d), ("keys", keys), ("values", values), ("indices", indices)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+def route_numel(T: int, top_k: int, n_blocks: int, deterministic: bool) -> int:
+    """Length of the ``route`` the forward returns when saving for the backward: the pair order
+    and the segment offsets (:meth:`Routing.pack`)."""
+    return packed_numel(T, top_k, n_blocks, _by_slot(deterministic, top_k))
+
+
+def _by_slot(deterministic: bool, top_k: int) -> bool:
+    return deterministic or top_k == 1
+
+
+def resolve_schedule(schedule: str | None, T: int, d_model: int, d_ff: int, block_size: int,
+                     top_k: int, elem: int, by_slot: bool, device: torch.device,
+                     slice_d: int | None = None) -> tuple[str, int]:
+    """(schedule, slice width in columns) of a launch: ``schedule`` if given, else
+    ``$SFNN_COMBINE``, else ("auto") the cost model's choice for this shape (``_model.py``).
+    The slice width is ``slice_d`` when given (a multiple of the widest BLOCK_D), else the
+    widest whose fp32 accumulator slice fits the live part of L2."""
+    schedule = schedule or os.environ.get(SCHEDULE_ENV, "auto")
+    if schedule not in SCHEDULES + ("auto",):
+        raise ValueError(f"combine schedule must be one of {SCHEDULES + ('auto',)} (argument or "
+                         f"${SCHEDULE_ENV}), got {schedule!r}")
+    l2 = _model.device_l2_bytes(device)
+    step = _configs.max_block_d()
+    if schedule == "auto":
+        schedule = _model.choose_schedule(T, d_model, d_ff, block_size, top_k, elem, by_slot,
+                                          l2, step)
+    if schedule == "tile":
+        return "tile", d_model
+    if slice_d is None:
+        return "slice", _model.slice_width(T, d_model, l2, step)
+    if slice_d <= 0 or slice_d % step:
+        raise ValueError(f"slice_d must be a positive multiple of {step}, got {slice_d}")
+    return "slice", slice_d
+
+
+def _launch(kernel, kind: str, grid, args, consts: dict, deterministic: bool,
+            gated: bool = False):
+    """Launch ``kernel``: autotuned, or in deterministic mode with its one fixed config
+    (:func:`_configs.fixed_config`; ``gated``: of the gated kernels, ``gated_ffn.py``), so that
+    results never depend on which config won a timing race in this process."""
+    if not deterministic:
+        kernel[grid](*args, **consts)
+        return
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    cfg = _configs.fixed_config(kind, dot_kind(first.dtype, consts["DOT_PREC"]),
+                                consts.get("BLOCK_C", consts.get("G")),
+                                first.element_size(), consts.get("LOAD_A", True),
+                                gated=gated and kind != "dw")
+    unwrap(kernel)[grid](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+
+
+def _assert_inputs(x2d, keys, values, indices, key_bias, gates, block_size, activation):
+    """The op layer validated the inputs (``sfnn.functional``); these only guard misuse."""
+    T, d_model = x2d.shape
+    assert keys.shape == values.shape and keys.shape[1] == d_model, (keys.shape, x2d.shape)
+    assert keys.dtype == values.dtype == x2d.dtype, (x2d.dtype, keys.dtype, values.dtype)
+    assert 1 <= block_size <= MAX_BLOCK_SIZE and keys.shape[0] % block_size == 0, block_size
+    assert indices.dtype == torch.int32 and indices.shape[0] == T, indices.shape
+    assert gates is None or (gates.dtype == torch.float32 and gates.shape == indices.shape)
+    assert key_bias is None or key_bias.shape == (keys.shape[0],)
+    assert activation in ("relu", "gelu", "silu"), activation
+    assert all(t.is_contiguous() for t in (x2d, keys, values, indices))
 
 
 def _contig(t):
     return None if t is None else t.contiguous()
 
 
-def route_numel(T: int, top_k: int, n_blocks: int, deterministic: bool) -> int:
-    """Routing kept for the backward: none yet (the backward sorts the pairs again)."""
-    return 0
-
-
+@on_tensor_device
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
-                  activation, save_for_backward, deterministic):
-    """Block FFN forward over ``indices``.
+                  activation, save_for_backward, deterministic, schedule=None, slice_d=None,
+                  gate_keys=None, gate_bias=None):
+    """Block FFN forward over ``indices``: the plain FFN (:func:`plain_ffn_fwd`), or the gated
+    one when ``gate_keys`` is given (``gated_ffn.gated_ffn_fwd``; gate_bias only with it)."""
+    if gate_keys is None:
+        assert gate_bias is None, "gate_bias without gate_keys"
+        return plain_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
+                             block_size=block_size, activation=activation,
+                             save_for_backward=save_for_backward, deterministic=deterministic,
+                             schedule=schedule, slice_d=slice_d)
+    from .gated_ffn import gated_ffn_fwd
+
+    return gated_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, gate_keys,
+                         gate_bias, block_size=block_size, activation=activation,
+                         save_for_backward=save_for_backward, deterministic=deterministic,
+                         schedule=schedule, slice_d=slice_d)
+
+
+@on_tensor_device
+def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route=None, *,
+                  block_size, activation, deterministic, needs=(True,) * 5, schedule=None,
+                  slice_d=None, gate_keys=None, gate_bias=None):
+    """Block FFN backward: the plain FFN's (:func:`plain_ffn_bwd`) or, when ``gate_keys`` is
+    given, the gated one's (``gated_ffn.gated_ffn_bwd``). Returns one gradient per flag of
+    ``needs`` (``sfnn.ops.GRAD_NAMES`` order): 5 (x, keys, values, key_bias, gates) or 7 (also
+    gate_keys, gate_bias; None for a plain FFN)."""
+    assert len(needs) in (5, 7), needs
+    if gate_keys is None:
+        assert gate_bias is None, "gate_bias without gate_keys"
+        grads = plain_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route,
+                              block_size=block_size, activation=activation,
+                              deterministic=deterministic, needs=tuple(needs[:5]),
+                              schedule=schedule, slice_d=slice_d)
+        return grads + (None,) * (len(needs) - 5)
+    assert len(needs) == 7, "a gated backward returns 7 gradients: needs has 7 flags"
+    from .gated_ffn import gated_ffn_bwd
+
+    return gated_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route,
+                         gate_keys, gate_bias, block_size=block_size, activation=activation,
+                         deterministic=deterministic, needs=needs, schedule=schedule,
+                         slice_d=slice_d)
+
+
+@on_tensor_device
+def plain_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
+                  activation, save_for_backward, deterministic, schedule=None, slice_d=None):
+    """Block FFN forward over ``indices`` (the plain, ungated FFN).
 
     x2d: (T, d) fp32/fp16/bf16, T >= 1; keys, values: (d_ff, d) same dtype; indices: int32
     (T, top_k); key_bias (d_ff,) / out_bias (d,) / gates float32 (T, top_k) or None.
-    Returns ``(y (T, d) in x's dtype, saved)``; ``saved`` is the pre-activation
-    ``(T * top_k, block_size)`` in x's dtype when ``save_for_backward``, else ``torch.empty(0)``.
+    ``schedule``: "tile", "slice" or None (``$SFNN_COMBINE``, else the cost model); ``slice_d``:
+    the slice width (default: sized to L2).
+    Returns ``(y (T, d) in x's dtype, saved, route)``: ``saved`` is the pre-activation
+    ``(T * top_k, block_size)`` in x's dtype, per sorted row, and ``route`` the packed routing
+    (int32, :func:`route_numel` long) when ``save_for_backward``, else empty tensors.
 
     Example::
 
-        y, saved = block_ffn_fwd(x, keys, values, idx, None, None, None, block_size=64,
-                                 activation="relu", save_for_backward=True, deterministic=False)
+        y, saved, route = block_ffn_fwd(x, keys, values, idx, None, None, None, block_size=64,
+                                        activation="relu", save_for_backward=True,
+                                        deterministic=False)
     """
-    _check(x2d, keys, values, indices, key_bias, gates, block_size, activation)
+    _assert_inputs(x2d, keys, values, indices, key_bias, gates, block_size, activation)
     key_bias, gates, out_bias = _contig(key_bias), _contig(gates), _contig(out_bias)
-    G = _padded_block(block_size)
     T, d_model = x2d.shape
     top_k = indices.shape[1]
     n_blocks = keys.shape[0] // block_size
-    dtype = x2d.dtype
-    by_slot = deterministic or top_k == 1
-    routing = route(indices, n_blocks, by_slot=by_slot)
-    saved = (torch.empty((T * top_k, block_size), device=x2d.device, dtype=dtype)
-             if save_for_backward else torch.empty(0, device=x2d.device, dtype=dtype))
+    dtype, dev = x2d.dtype, x2d.device
+    by_slot = _by_slot(deterministic, top_k)
+    schedule, slice_d = resolve_schedule(schedule, T, d_model, keys.shape[0], block_size, top_k,
+                                         x2d.element_size(), by_slot, dev, slice_d)
+    routing = sort_pairs(indices, n_blocks, by_slot=by_slot)
+    sliced = schedule == "slice"
+    keep_a = save_for_backward or sliced
+    a = torch.empty((T * top_k, block_size), device=dev, dtype=dtype) if keep_a else x2d
+    y = torch.empty_like(x2d)
     if by_slot:
-        y = torch.empty_like(x2d)
         acc = y if dtype == torch.float32 or top_k == 1 else torch.empty(
-            (T, d_model), device=x2d.device, dtype=torch.float32)
-    else:
-        if out_bias is not None:
-            acc = out_bias.float().expand(T, d_model).contiguous()
-        else:
-            acc = torch.zeros((T, d_model), device=x2d.device, dtype=torch.float32)
-        y = acc
-    common = dict(BS=block_size, G=G, ACT=activation, HAS_KB=key_bias is not None,
-                  HAS_OB=out_bias is not None, GATED=gates is not None,
-                  SAVE_A=bool(save_for_backward), ATOMIC=not by_slot,
-                  DOT_PREC=dot_precision(dtype), CHUNK=_SCHED_CHUNK)
-    args = (x2d, keys, values, key_bias if key_bias is not None else x2d,
-            gates if gates is not None else x2d, out_bias if out_bias is not None else x2d,
-            routing.order, routing.seg_offsets, saved, acc, y)
-    n_launch = top_k if by_slot else 1
-    pairs = T if by_slot else T * top_k
-    grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
-    for j in range(n_launch):
-        _block_ffn_fwd_kernel[grid](
-            *args, d_model, top_k, n_blocks, j * n_blocks, x2d.stride(0), keys.stride(0),
-            values.stride(0), y.stride(0),
-            FIRST=j == 0, LAST=j == n_launch - 1, **common)
-    if not by_slot and dtype != torch.float32:
-        y = acc.to(dtype)
-    return y, saved, indices.new_empty(0)
-
-
-def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, saved_route=None, *,
-                  block_size, activation, deterministic, needs=(True,) * 5):
-    """Block FFN backward: ``(dx, dkeys, dvalues, dkey_bias | None, dgates float32 | None)``.
-
-    dy: (T, d) contiguous in x's dtype; ``saved`` is the forward's second output (the
-    pre-activation, or an empty tensor to recompute it). The gradient of ``out_bias`` is the
-    caller's (``dy.sum(0)``).
-    """
-    _check(x2d, keys, values, indices, key_bias, gates, block_size, activation)
-    if dy.shape != x2d.shape or dy.dtype != x2d.dtype or not dy.is_contiguous():
-        raise ValueError(f"dy must be contiguous {tuple(x2d.shape)} {x2d.dtype}, got "
-                         f"{tuple(dy.shape)} {dy.dtype}")
-    key_bias, gates = _contig(key_bias), _contig(gates)
-    _padded_block(block_size)
-    T, d_model = x2d.shape
-    top_k = indices.shape[1]
-    n_blocks = keys.shape[0] // block_size
-    dtype = x2d.dtype
-    load_a = saved.numel() > 0
-    if load_a and saved.shape != (T * top_k, block_size):
-        raise ValueError(f"saved must be ({T * top_k}, {block_size}) or empty, got "
-                         f"{tuple(saved.shape)}")
-    by_slot = deterministic or top_k == 1
-    routing = route(indices, n_blocks, by_slot=by_slot)
-    dev = x2d.device
-    da = torch.empty((T * top_k, block_size), device=dev, dtype=dtype)
-    gh = torch.empty((T * top_k, block_size), device=dev, dtype=dtype)
-    dgates = torch.empty((T, top_k), device=dev, dtype=torch.float32) if gates is not None \
-        else None
-    if by_slot:
-        dx = torch.empty_like(x2d)
-        acc = dx if dtype == torch.float32 or top_k == 1 else torch.empty(
             (T, d_model), device=dev, dtype=torch.float32)
     else:
-        acc = torch.zeros((T, d_model), device=dev, dtype=torch.float32)
-        dx = acc
-    prec = dot_precision(dtype)
-    n_slots = top_k if by_slot else 1
-    kb_arg = key_bias if key_bias is not None else x2d
-    grid_h = lambda meta: (max_tiles(T * top_k, n_blocks * n_slots, meta["BLOCK_T"]),)
-    _block_ffn_bwd_kernel[grid_h](
-        x2d, keys, values, kb_arg, gates if gates is not None else x2d, dy,
-        saved if load_a else x2d, routing.order, routing.seg_offsets, da, gh,
-        dgates if dgates is not None else x2d,
-        d_model, top_k, n_blocks, n_blocks * n_slots,
-        x2d.stride(0), keys.stride(0), values.stride(0), dy.stride(0),
-        BS=block_size, ACT=activation, HAS_KB=key_bias is not None, GATED=gates is not None,
-        LOAD_A=load_a, DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
-
-    pairs = T if by_slot else T * top_k
-    grid_x = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]),)
-    for j in range(n_slots):
-        _block_ffn_bwd_dx_kernel[grid_x](
-            keys, da, routing.order, routing.seg_offsets, acc, dx,
-            d_model, top_k, n_blocks, j * n_blocks, keys.stride(0), dx.stride(0),
-            BS=block_size, ATOMIC=not by_slot, FIRST=j == 0, LAST=j == n_slots - 1,
-            DOT_PREC=prec, CHUNK=_SCHED_CHUNK)
-    if not by_slot and dtype != torch.float32:
-        dx = acc.to(dtype)
-
-    dkeys = torch.empty_like(keys)
-    dvalues = torch.empty_like(values)
-    dkey_bias = torch.empty_like(key_bias) if key_bias is not None else None
-    grid_w = lambda meta: (n_blocks, triton.cdiv(d_model, meta["BLOCK_D"]),
-                           triton.cdiv(block_size, meta["BLOCK_G"]))
-    _block_ffn_bwd_dw_kernel[grid_w](
-        x2d, da, routing.order, routing.seg_offsets, dkeys,
-        dkey_bias if dkey_bias is not None else dkeys,
-        d_model, top_k, n_blocks, n_slots, x2d.stride(0), dkeys.stride(0),
-        BS=block_size, HAS_KB=key_bias is not None, DOT_PREC=prec)
-    _block_ffn_bwd_dw_kernel[grid_w](
-        dy, gh, routing.order, routing.seg_offsets, dvalues, dvalues,
-        d_model, top_k, n_blocks, n_slots, dy.stride(0), dvalues.stride(0),
-        BS=block_size, HAS_KB=False, DOT_PREC=prec)
-    # TODO(kernels v2): skip the kernels whose outputs are not needed.
-    grads = (dx, dkeys, dvalues, dkey_bias, dgates)
-    return tuple(g if need else None for g, need in zip(grads, needs, strict=True))
-
-
-def _unwrap(kernel):
-    """The @triton.jit function under the autotuner (the interpreted one under the
-    interpreter, where it cannot be compiled ahead of time anyway)."""
-    while isinstance(kernel, triton.runtime.Autotuner):
-        kernel = kernel.fn
-    return kernel
-
-
-def _cfg_name(cfg) -> str:
-    kw = cfg.kwargs
-    return (f"BT={kw['BLOCK_T']},BK={kw['BLOCK_K']},BD={kw['BLOCK_D']},BG={kw['BLOCK_G']},"
-            f"w={cfg.num_warps},s={cfg.num_stages}")
-
-
-_FWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "ob_ptr", "order_ptr",
-            "seg_off_ptr", "a_ptr", "acc_ptr", "y_ptr", "d_model", "top_k", "n_blocks", "seg_base",
-            "stride_x", "stride_k", "stride_v", "stride_y")
-_BWD_SIG = ("x_ptr", "keys_ptr", "values_ptr", "kb_ptr", "gates_ptr", "dy_ptr", "a_ptr",
-            "order_ptr", "seg_off_ptr", "da_ptr", "gh_ptr", "dgates_ptr", "d_model", "top_k",
-            "n_blocks", "n_seg", "stride_x", "stride_k", "stride_v", "stride_dy")
-_DX_SIG = ("keys_ptr", "da_ptr", "order_ptr", "seg_off_ptr", "acc_ptr", "dx_ptr", "d_model",
-           "top_k", "n_blocks", "seg_base", "stride_k", "stride_dx")
-_DW_SIG = ("x_ptr", "buf_ptr", "order_ptr", "seg_off_ptr", "out_ptr", "dkb_ptr", "d_model", "top_k",
-           "n_blocks", "n_slots", "stride_x", "stride_out")
-
-
-def _signature(names, t: str, constexprs: dict) -> dict:
-    """Triton types: int32 routing arrays, fp32 gates/dgates/accumulators, the rest in t."""
-    sig = {}
-    for n in names:
-        if not n.endswith("_ptr"):
-            sig[n] = "i32"
-        elif n in ("order_ptr", "seg_off_ptr"):
-            sig[n] = "*i32"
-        elif n in ("gates_ptr", "dgates_ptr", "acc_ptr"):
-            sig[n] = "*fp32"
+        acc = y if dtype == torch.float32 else torch.empty((T, d_model), device=dev,
+                                                           dtype=torch.float32)
+        if out_bias is not None:  # a copy: the buffer must never alias out_bias (T == 1)
+            acc.copy_(out_bias.to(torch.float32).expand(T, d_model))
         else:
-            sig[n] = f"*{t}"
-    sig.update({k: "constexpr" for k in constexprs})
-    return sig
+            acc.zero_()
+    dummy = x2d  # for pointers a variant does not read
+    common = dict(BS=block_size, G=padded_block(block_size), DOT_PREC=dot_precision(dtype),
+                  CHUNK=_SCHED_CHUNK)
+    combine = dict(HAS_OB=out_bias is not None, HAS_GATES=gates is not None, ATOMIC=not by_slot)
+    n_launch = top_k if by_slot else 1
+    pairs = T if by_slot else T * top_k
+    n_slices = triton.cdiv(d_model, slice_d)
+    grid = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_slices)
+    if sliced:
+        grid_pre = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_launch)
+        _launch(_block_ffn_pre_kernel, "pre", grid_pre,
+                (x2d, keys, key_bias if key_bias is not None else dummy, routing.order,
+                 routing.seg_offsets, a, d_model, top_k, n_blocks, x2d.stride(0), keys.stride(0)),
+                dict(common, HAS_KB=key_bias is not None), deterministic)
+    for j in range(n_launch):
+        order = dict(FIRST=j == 0, LAST=j == n_launch - 1)
+        if sliced:
+            _launch(_block_ffn_out_kernel, "out", grid,
+                    (values, gates if gates is not None else dummy,
+                     out_bias if out_bias is not None else dummy, routing.order,
+                     routing.seg_offsets, a, acc, y, d_model, top_k, n_blocks, j * n_blocks,
+                     slice_d, values.stride(0), y.stride(0)),
+                    dict(common, **combine, **order, ACT=activation), deterministic)
+        else:
+            _launch(_block_ffn_fwd_kernel, "fwd", grid,
+                    (x2d, keys, values, key_bias if key_bias is not None else dummy,
+                     gates if gates is not None else dummy,
+                     out_bias if out_bias is not None else dummy, routing.order,
+                     routing.seg_offsets, a, acc, y, d_model, top_k, n_blocks, j * n_blocks,
+                     slice_d, x2d.stride(0), keys.stride(0), values.stride(0), y.stride(0)),
+                    dict(common, **combine, **order, ACT=activation, HAS_KB=key_bias is not None,
+                         SAVE_A=bool(save_for_backward)), deterministic)
+    if not by_slot and acc is not y:
+        y.copy_(acc)
+    if not save_for_backward:
+        return y, x2d.new_empty(0), indices.new_empty(0)
+    return y, a, routing.pack()
 
 
-def aot_specs(block_sizes=(64, 256)) -> list[AOTSpec]:
-    """Every GPU tuning config that survives the prune step, for each kernel, in bf16, fp16 and
-    fp32, at block sizes 64 and 256 (256 is the register-heaviest), every optional input on
-    (gelu, both biases, gates). The forward and dx kernels are compiled with the atomic combine
-    at g=64 and the deterministic middle-slot combine (load, add, store) at g=256; the dh kernel
-    with the stored pre-activation and with the recompute (a third GEMM). fp32 comes twice:
-    "fp32-tf32" (matmul precision "high"/"medium": tensor cores, is_gemm) and "fp32-ieee"
-    (precision "highest", the default: true fp32 products, which no NVIDIA tensor core offers,
-    so tl.dot runs on the FMA units; is_gemm=False as HGMMA cannot appear)."""
-    specs = []
-    kernels = {kind: _unwrap(k) for kind, k in (
-        ("fwd", _block_ffn_fwd_kernel), ("dh", _block_ffn_bwd_kernel),
-        ("dx", _block_ffn_bwd_dx_kernel), ("dw", _block_ffn_bwd_dw_kernel))}
-    names = {"fwd": "block_ffn_fwd", "dh": "block_ffn_bwd_dh", "dx": "block_ffn_bwd_dx",
-             "dw": "block_ffn_bwd_dw"}
-    sigs = {"fwd": _FWD_SIG, "dh": _BWD_SIG, "dx": _DX_SIG, "dw": _DW_SIG}
-    for dtype, prec in ((torch.bfloat16, "tf32"), (torch.float16, "tf32"),
-                        (torch.float32, "tf32"), (torch.float32, "ieee")):
-        t = TRITON_DTYPE_NAMES[dtype]
-        elem = torch.tensor([], dtype=dtype).element_size()
-        for bs in block_sizes:
-            G = _padded_block(bs)
-            atomic = bs == block_sizes[0]
-            combine = dict(ATOMIC=atomic, FIRST=False, LAST=False, CHUNK=_SCHED_CHUNK)
-            variants = {
-                "fwd": [dict(combine, G=G, ACT="gelu", HAS_KB=True, HAS_OB=True, GATED=True,
-                             SAVE_A=True)],
-                "dh": [dict(ACT="gelu", HAS_KB=True, GATED=True, LOAD_A=load_a,
-                            CHUNK=_SCHED_CHUNK) for load_a in (True, False)],
-                "dx": [combine],
-                "dw": [dict(HAS_KB=True)],
-            }
-            for kind, flag_sets in variants.items():
-                for cfg in _configs(kind, interpret=False):
-                    if (prec == "ieee") != _is_ieee(cfg) or not _fits(kind, cfg, G, elem):
-                        continue
-                    for flags in flag_sets:
-                        if not _ieee_dh_stages_ok(kind, cfg, flags.get("LOAD_A")):
-                            continue
-                        cx = dict(flags, BS=bs, DOT_PREC=prec, **cfg.kwargs)
-                        extra = ",atomic=1" if cx.get("ATOMIC") else ""
-                        if "LOAD_A" in cx:
-                            extra += f",load_a={int(cx['LOAD_A'])}"
-                        tname = f"{t}-{prec}" if dtype == torch.float32 else t
-                        specs.append(AOTSpec(
-                            name=f"{names[kind]}[{tname},g={bs},{_cfg_name(cfg)}{extra}]",
-                            kernel=kernels[kind], signature=_signature(sigs[kind], t, cx),
-                            constexprs=cx, is_gemm=prec != "ieee", num_warps=cfg.num_warps,
-                            num_stages=cfg.num_stages))
-    return specs
+@on_tensor_device
+def plain_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, route=None, *,
+                  block_size, activation, deterministic, needs=(True,) * 5, schedule=None,
+                  slice_d=None):
+    """Block FFN backward (the plain FFN): ``(dx, dkeys, dvalues, dkey_bias, dgates float32)``,
+    each None when not in ``needs`` (one flag per output, ``sfnn.ops.GRAD_NAMES`` order) or of
+    an absent input; only the kernels the needed outputs depend on run.
+
+    dy: (T, d) contiguous in x's dtype; ``saved`` and ``route`` are the forward's (empty: the
+    pre-activation is recomputed / the pairs are sorted again). The gradient of ``out_bias`` is
+    the caller's (``dy.sum(0)``). ``schedule``, ``slice_d`` as in :func:`block_ffn_fwd` (dx).
+    """
+    _assert_inputs(x2d, keys, values, indices, key_bias, gates, block_size, activation)
+    assert dy.shape == x2d.shape and dy.dtype == x2d.dtype and dy.is_contiguous()
+    key_bias, gates = _contig(key_bias), _contig(gates)
+    T, d_model = x2d.shape
+    top_k = indices.shape[1]
+    n_blocks = keys.shape[0] // block_size
+    dtype, dev = x2d.dtype, x2d.device
+    need_dx, need_dk, need_dv, need_dkb, need_dg = (bool(n) for n in needs)
+    need_dkb = need_dkb and key_bias is not None
+    need_dg = need_dg and gates is not None
+    need_da = need_dx or need_dk or need_dkb
+    if not (need_da or need_dv or need_dg):
+        return None, None, None, None, None
+    load_a = saved.numel() > 0
+    assert not load_a or saved.shape == (T * top_k, block_size), saved.shape
+    by_slot = _by_slot(deterministic, top_k)
+    if route is not None and route.numel():
+        routing = Routing.unpack(route, T, top_k, n_blocks, by_slot)
+    else:
+        routing = sort_pairs(indices, n_blocks, by_slot=by_slot)
+    dummy = x2d
+    common = dict(BS=block_size, G=padded_block(block_size), DOT_PREC=dot_precision(dtype),
+                  CHUNK=_SCHED_CHUNK)
+    n_slots = top_k if by_slot else 1
+    pairs = T if by_slot else T * top_k
+
+    da = torch.empty((T * top_k, block_size), device=dev, dtype=dtype) if need_da else dummy
+    gh = torch.empty((T * top_k, block_size), device=dev, dtype=dtype) if need_dv else dummy
+    dgates = torch.empty((T, top_k), device=dev, dtype=torch.float32) if need_dg else None
+    grid_h = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_slots)
+    _launch(_block_ffn_dh_kernel, "dh", grid_h,
+            (x2d, keys, values, key_bias if key_bias is not None else dummy,
+             gates if gates is not None else dummy, dy, saved if load_a else dummy,
+             routing.order, routing.seg_offsets, da, gh, dgates if need_dg else dummy,
+             d_model, top_k, n_blocks, x2d.stride(0), keys.stride(0), values.stride(0),
+             dy.stride(0)),
+            dict(common, ACT=activation, HAS_KB=key_bias is not None, HAS_GATES=gates is not None,
+                 LOAD_A=load_a, NEED_DA=need_da, NEED_GH=need_dv, NEED_DGATES=need_dg),
+            deterministic)
+
+    dx = None
+    if need_dx:
+        schedule, slice_d = resolve_schedule(schedule, T, d_model, keys.shape[0], block_size,
+                                             top_k, x2d.element_size(), by_slot, dev, slice_d)
+        dx = torch.empty_like(x2d)
+        if by_slot:
+            acc = dx if dtype == torch.float32 or top_k == 1 else torch.empty(
+                (T, d_model), device=dev, dtype=torch.float32)
+        else:
+            acc = dx.zero_() if dtype == torch.float32 else torch.zeros(
+                (T, d_model), device=dev, dtype=torch.float32)
+        n_slices = triton.cdiv(d_model, slice_d)
+        grid_x = lambda meta: (max_tiles(pairs, n_blocks, meta["BLOCK_T"]), n_slices)
+        for j in range(n_slots):
+            _launch(_block_ffn_dx_kernel, "dx", grid_x,
+                    (keys, routing.order, routing.seg_offsets, da, acc, dx, d_model, top_k,
+                     n_blocks, j * n_blocks, slice_d, keys.stride(0), dx.stride(0)),
+                    dict(common, ATOMIC=not by_slot, FIRST=j == 0, LAST=j == n_slots - 1),
+                    deterministic)
+        if not by_slot and acc is not dx:
+            dx.copy_(acc)
+
+    dkeys = torch.empty_like(keys) if need_dk else None
+    dkey_bias = torch.empty_like(key_bias) if need_dkb else None
+    dvalues = torch.empty_like(values) if need_dv else None
+    w_common = dict(BS=block_size, G=common["G"], DOT_PREC=common["DOT_PREC"])
+    if need_dk or need_dkb:
+        grid_k = lambda meta: (triton.cdiv(d_model, meta["BLOCK_D"]) if need_dk else 1,
+                               triton.cdiv(block_size, meta["BLOCK_G"]), n_blocks)
+        _launch(_block_ffn_dw_kernel, "dw", grid_k,
+                (x2d, da, routing.order, routing.seg_offsets,
+                 dkeys if need_dk else dummy, dkey_bias if need_dkb else dummy,
+                 d_model, top_k, n_blocks, n_slots, x2d.stride(0), keys.stride(0)),
+                dict(w_common, HAS_DW=need_dk, HAS_DB=need_dkb), deterministic)
+    if need_dv:
+        grid_v = lambda meta: (triton.cdiv(d_model, meta["BLOCK_D"]),
+                               triton.cdiv(block_size, meta["BLOCK_G"]), n_blocks)
+        _launch(_block_ffn_dw_kernel, "dw", grid_v,
+                (dy, gh, routing.order, routing.seg_offsets, dvalues, dummy,
+                 d_model, top_k, n_blocks, n_slots, dy.stride(0), values.stride(0)),
+                dict(w_common, HAS_DW=True, HAS_DB=False), deterministic)
+    return dx, dkeys, dvalues, dkey_bias, dgates
+

@@ -7,26 +7,12 @@ slice also averages the block's key biases. Each element of ``keys`` is read exa
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE_NAMES, AOTSpec
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _block_means_configs() -> list[triton.Config]:
-    """Tuning configs: (BLOCK_G, BLOCK_D, num_warps). A single small one under the interpreter."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_G": 8, "BLOCK_D": 32}, num_warps=1, num_stages=1)]
-    shapes = [(16, 128, 4), (8, 256, 4), (32, 256, 8)]
-    return [
-        triton.Config({"BLOCK_G": bg, "BLOCK_D": bd}, num_warps=w, num_stages=1)
-        for bg, bd, w in shapes
-    ]
+from . import _configs
+from ._common import autotune, on_tensor_device
 
 
 def _prune_block_means(configs, named_args, **kwargs):
@@ -41,11 +27,8 @@ def _prune_block_means(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(
-    configs=_block_means_configs(),
-    key=["block_size", "d_model"],
-    prune_configs_by={"early_config_prune": _prune_block_means},
-)
+@autotune(_configs.block_means_configs(), ints=("block_size", "d_model"),
+          prune=_prune_block_means)
 @triton.jit
 def _block_means_kernel(
     keys_ptr,
@@ -84,6 +67,7 @@ def _block_means_kernel(
             tl.store(bbar_ptr + i_b, tl.sum(b_bacc, axis=0) / block_size)
 
 
+@on_tensor_device
 def block_means(
     keys: torch.Tensor, key_bias: torch.Tensor | None, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,14 +80,11 @@ def block_means(
 
         kbar, bbar = block_means(fc1.weight, fc1.bias, 64)
     """
-    if keys.dim() != 2 or not keys.is_contiguous():
-        raise ValueError(f"keys must be a contiguous 2-D tensor, got shape {tuple(keys.shape)}")
     d_ff, d_model = keys.shape
-    if block_size <= 0 or d_ff % block_size != 0:
-        raise ValueError(f"block_size={block_size} must divide d_ff={d_ff}")
-    if key_bias is not None and (key_bias.shape != (d_ff,) or not key_bias.is_contiguous()):
-        raise ValueError(f"key_bias must be contiguous of shape ({d_ff},), "
-                         f"got {tuple(key_bias.shape)}")
+    # The op layer validated the inputs; these only guard misuse.
+    assert keys.is_contiguous() and block_size > 0 and d_ff % block_size == 0, block_size
+    assert key_bias is None or key_bias.shape == (d_ff,), key_bias.shape
+    key_bias = None if key_bias is None else key_bias.contiguous()
     n_blocks = d_ff // block_size
     kbar = torch.empty((n_blocks, d_model), device=keys.device, dtype=torch.float32)
     bbar = None
@@ -129,29 +110,3 @@ def block_means(
         HAS_BIAS=key_bias is not None,
     )
     return kbar, bbar
-
-
-def aot_specs() -> list[AOTSpec]:
-    """Every tuning config of ``_block_means_kernel`` in fp32, fp16 and bf16, bias on and off."""
-    kernel = _block_means_kernel
-    while not isinstance(kernel, triton.runtime.JITFunction):
-        kernel = kernel.fn
-    specs = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        t = TRITON_DTYPE_NAMES[dtype]
-        for cfg in _block_means_configs():
-            for has_bias in (True, False):
-                signature = {
-                    "keys_ptr": f"*{t}", "key_bias_ptr": f"*{t}", "kbar_ptr": "*fp32",
-                    "bbar_ptr": "*fp32", "d_model": "i32", "block_size": "i32",
-                    "stride_keys_f": "i32", "stride_kbar_b": "i32", "HAS_BIAS": "constexpr",
-                    "BLOCK_G": "constexpr", "BLOCK_D": "constexpr",
-                }
-                constexprs = {"HAS_BIAS": has_bias, **cfg.kwargs}
-                specs.append(AOTSpec(
-                    name=(f"block_means[{t},G={cfg.kwargs['BLOCK_G']},D={cfg.kwargs['BLOCK_D']},"
-                          f"bias={int(has_bias)}]"),
-                    kernel=kernel, signature=signature, constexprs=constexprs, is_gemm=False,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                ))
-    return specs

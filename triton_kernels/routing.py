@@ -16,6 +16,9 @@ keys and one ``torch.searchsorted`` for the segment boundaries. Neither syncs wi
 The stable sort keeps the pairs of a segment in ascending pair order, so the order, and every sum
 taken along it, is the same on every run.
 
+The forward hands its routing to the backward packed in one int32 tensor (:meth:`Routing.pack`),
+so the backward does not sort again.
+
 The tile schedule (which segment and which rows a program works on) is not materialised: each
 GEMM program finds its own tile with :func:`_find_tile`, a vectorised cumulative sum over the
 segments' tile counts. That keeps the schedule independent of the tile height, so the autotuner
@@ -53,6 +56,24 @@ class Routing(typing.NamedTuple):
     def counts(self) -> torch.Tensor:
         """int32 (n_segments,): the number of pairs of every segment."""
         return self.seg_offsets[1:] - self.seg_offsets[:-1]
+
+    def pack(self) -> torch.Tensor:
+        """One int32 tensor ``[order, seg_offsets]`` (the ``route`` the forward hands to the
+        backward; its length is :func:`packed_numel`)."""
+        return torch.cat([self.order, self.seg_offsets])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor, T: int, top_k: int, n_blocks: int,
+               by_slot: bool) -> Routing:
+        """The inverse of :meth:`pack` (views, no copy)."""
+        assert packed.numel() == packed_numel(T, top_k, n_blocks, by_slot), packed.shape
+        P = T * top_k
+        return cls(packed[:P], packed[P:], n_blocks, top_k, by_slot)
+
+
+def packed_numel(T: int, top_k: int, n_blocks: int, by_slot: bool) -> int:
+    """Length of :meth:`Routing.pack`: the pair order, then one offset per segment and one."""
+    return T * top_k + n_blocks * (top_k if by_slot else 1) + 1
 
 
 def route(indices: torch.Tensor, n_blocks: int, *, by_slot: bool = False) -> Routing:

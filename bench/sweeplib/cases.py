@@ -27,6 +27,8 @@ class Case:
     providers: tuple = ("dense", "torch", "triton", "cuda")
     tag: str = ""
     min_reps: int = 5  # CPU: timed rounds at least (more when they fit the per-case budget)
+    contention: int = 0  # CPU-bound processes running while it is timed (contention.py)
+    gated: bool = False  # a gated FFN (issue 11): "dense" is then the dense gated FFN
 
     @property
     def n_blocks(self) -> int:
@@ -77,6 +79,8 @@ SELECTION_PROVIDERS = ("torch", "switch", "moe", "hash", "random")
 
 ACCEPTANCE = dict(tokens=4096, d_model=512, d_ff=8192, block_size=64, top_k=16, dtype="float32",
                   activation="gelu")
+# Issue 11: the gated FFN (SwiGLU) at the acceptance shape, against the dense gated FFN.
+GATED_ACCEPTANCE = {**ACCEPTANCE, "activation": "silu", "gated": True}
 
 
 def preset_default(device: str) -> list:
@@ -85,7 +89,8 @@ def preset_default(device: str) -> list:
     2 cores). On CUDA a bf16 headline shape with the same sweeps, decode, and fp32."""
     if device == "cpu":
         cases = [Case(**ACCEPTANCE, mode=m, providers=("dense", "torch"), tag="acceptance",
-                      min_reps=7) for m in ("forward", "forward+backward")]
+                      min_reps=7, contention=busy)
+                 for busy in (0, 1) for m in ("forward", "forward+backward")]
         shape = dict(tokens=4096, d_model=512, d_ff=8192, dtype="float32", activation="gelu")
         for mode in ("forward", "forward+backward"):
             for g, k in ((64, 32), (64, 8), (32, 32), (128, 8)):  # 1/4, 1/16; g=32, 128 at 1/8
@@ -99,6 +104,9 @@ def preset_default(device: str) -> list:
         for t in (1, 8):
             cases.append(Case(t, 512, 8192, 64, 16, "decode",
                               providers=("dense", "naive", "gather", "torch")))
+        for mode in ("forward", "forward+backward"):  # issue 11: the gated row
+            cases.append(Case(**GATED_ACCEPTANCE, mode=mode, providers=("dense", "torch"),
+                              tag="gated-acceptance", min_reps=3))
         return cases
     # GPU: ordered by value per second, as --max-minutes may cut the tail. Each new block size
     # or dtype costs Triton autotuning (compiles), so the g=64 bf16 cases come first.
@@ -167,6 +175,46 @@ def preset_full(device: str) -> list:
     return cases
 
 
+def preset_decode(device: str) -> list:
+    """Decoding (issue 12): one token at d_model 4096 (d_ff 16384, g 64, top_k 32) and at the
+    acceptance shape's d_model 512 (d_ff 8192, g 64, top_k 16), fp32 and bf16, then 2..16
+    tokens at d_model 512 (where the few-token path stops paying: torch_path.FEW_TOKENS). On
+    the CPU ``torch`` is the CPU kernel when it is built and ``torch-nokernel`` the pure-PyTorch
+    fallback (the few-token path up to FEW_TOKENS tokens, the grouped loop beyond); on CUDA the
+    extension and Triton."""
+    if device == "cpu":
+        every = ("dense", "gather", "torch", "torch-nokernel")
+        cases = []
+        for d, d_ff, k in ((4096, 16384, 32), (512, 8192, 16)):
+            for dtype in ("float32", "bfloat16"):
+                cases.append(Case(1, d, d_ff, 64, k, "decode", dtype=dtype, providers=every,
+                                  tag=f"decode-d{d}"))
+        for t in (2, 4, 8, 16):
+            cases.append(Case(t, 512, 8192, 64, 16, "decode", providers=every))
+        return cases
+    every = ("dense", "gather", "torch", "triton", "cuda")
+    return [Case(t, d, d_ff, 64, k, "decode", dtype=dtype, providers=every,
+                 tag=f"decode-d{d}" if t == 1 else "")
+            for d, d_ff, k in ((4096, 16384, 32), (512, 8192, 16))
+            for dtype in ("bfloat16", "float32") for t in (1, 8)]
+
+
+def preset_gated(device: str) -> list:
+    """Gated FFNs (issue 11): the SwiGLU layer against the dense gated FFN
+    (``down(silu(gate(x)) * up(x))``), forward and forward+backward. On the CPU at the
+    acceptance shape, idle and with one busy process (targets >= 3x and >= 2.5x), the torch
+    path with its CPU kernel (``torch``) and without (``torch-nokernel``: the chunked
+    pure-PyTorch path); on CUDA in
+    bf16 at the headline shape (Triton has no gated path yet: it is skipped with the reason)."""
+    train = ("forward", "forward+backward")
+    if device == "cpu":
+        return [Case(**GATED_ACCEPTANCE, mode=m, providers=("dense", "torch", "torch-nokernel"),
+                     tag="gated-acceptance", min_reps=7, contention=busy)
+                for busy in (0, 1) for m in train]
+    return [Case(4096, 2048, 8192, 64, 16, m, dtype="bfloat16", activation="silu", gated=True,
+                 providers=("dense", "torch", "triton"), tag="gated") for m in train]
+
+
 PRESETS = {"default": preset_default, "quick": preset_quick, "smoke": preset_smoke,
-           "full": preset_full}
+           "full": preset_full, "decode": preset_decode, "gated": preset_gated}
 

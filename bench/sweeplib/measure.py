@@ -15,9 +15,11 @@ from collections.abc import Callable
 
 import torch
 
-# Ceilings measured on one H200 (shared/VERIFYING.md), used when nothing can be measured.
+# Ceilings measured on one H200 (shared/VERIFYING.md), used when nothing can be measured; its L2
+# bandwidth is the cost model's assumption (sfnn/triton_kernels/_model.py) until measured.
 H200_TFLOPS = {"bfloat16": 790.0, "float16": 790.0}
 H200_GBS = 4300.0
+H200_L2_GBS = 9000.0
 
 
 def device_name(device: str) -> str:
@@ -175,21 +177,38 @@ def sync(device: str) -> None:
 @dataclasses.dataclass
 class Ceilings:
     tflops: dict  # dtype name -> TFLOP/s
-    gbs: float
+    gbs: float  # memory (HBM / DRAM) bandwidth
     source: str
+    l2_gbs: float = 0.0  # cache bandwidth (a copy that fits in L2); 0: as gbs
+
+    def cache_gbs(self) -> float:
+        return self.l2_gbs or self.gbs
 
     def describe(self) -> str:
         fl = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in self.tflops.items())
-        return f"{fl}; {self.gbs:.4g} GB/s ({self.source})"
+        return f"{fl}; {self.gbs:.4g} GB/s, cache {self.cache_gbs():.4g} GB/s ({self.source})"
+
+
+def _copy_gbs(timer, device: str, elems: int) -> float:
+    """Bandwidth of a copy of ``elems`` fp32 (read + write), the fastest of a few runs."""
+    src = torch.empty(elems, device=device)
+    dst = torch.empty_like(src)
+
+    def cp(src=src, dst=dst):
+        dst.copy_(src)
+
+    best = timer({"copy": cp}, budget_s=1.0, min_reps=3, max_reps=10)["copy"][3]
+    return 2 * elems * 4 / (best * 1e-3) / 1e9
 
 
 def measure_ceilings(device: str, dtypes: list, how: str, small: bool = False) -> Ceilings:
-    """A big matmul per dtype and a big copy, timed like the cases (the fastest run: a ceiling
-    is what the machine can do); VERIFYING.md's H200
-    numbers when ``how == "h200"`` or a measurement fails. ``small``: quarter-size, for smoke."""
+    """A big matmul per dtype, a big copy and a cache-sized copy (2 x 8 MiB on CUDA, which L2
+    holds; 2 x 256 KiB on the CPU), timed like the cases (the fastest run: a ceiling is what the
+    machine can do); VERIFYING.md's H200 numbers (and the cost model's assumed 9 TB/s of L2) when
+    ``how == "h200"`` or a measurement fails. ``small``: quarter-size, for smoke."""
     if how == "h200":
         return Ceilings({d: H200_TFLOPS.get(d, 790.0) for d in dtypes}, H200_GBS,
-                        "H200 ceilings from shared/VERIFYING.md")
+                        "H200 ceilings from shared/VERIFYING.md, L2 assumed", H200_L2_GBS)
     timer = TIMERS[device]
     n = (8192 if device == "cuda" else 2048) // (4 if small else 1)
     copy_elems = (2**28 if device == "cuda" else 2**26) // (16 if small else 1)
@@ -211,18 +230,17 @@ def measure_ceilings(device: str, dtypes: list, how: str, small: bool = False) -
             parts.append(f"{name} matmul from VERIFYING.md")
     parts.insert(0, f"measured: {n}^3 matmul per dtype")
     try:
-        src = torch.empty(copy_elems, device=device)
-        dst = torch.empty_like(src)
-
-        def cp(src=src, dst=dst):
-            dst.copy_(src)
-
-        best = timer({"copy": cp}, budget_s=1.0, min_reps=3, max_reps=10)["copy"][3]
-        gbs = 2 * copy_elems * 4 / (best * 1e-3) / 1e9
+        gbs = _copy_gbs(timer, device, copy_elems)
         parts.append(f"{copy_elems * 4 // 2**20} MiB copy")
-        del src, dst
     except Exception:  # noqa: BLE001
         gbs = H200_GBS
         parts.append("bandwidth from VERIFYING.md")
-    return Ceilings(tflops, gbs, ", ".join(parts))
+    cache_elems = 2**21 if device == "cuda" else 2**16
+    try:
+        l2 = _copy_gbs(timer, device, cache_elems)
+        parts.append(f"{cache_elems * 4 // 2**10} KiB cache copy")
+    except Exception:  # noqa: BLE001
+        l2 = H200_L2_GBS if device == "cuda" else 0.0
+        parts.append("cache bandwidth assumed")
+    return Ceilings(tflops, gbs, ", ".join(parts), l2)
 

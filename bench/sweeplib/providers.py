@@ -23,8 +23,22 @@ CHECK_RTOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 GATHER_MAX_BYTES = 512 * 2**20
 
 
+class GatedMLP(nn.Module):
+    """The dense gated FFN, ``down(act(gate(x)) * up(x))`` (LLaMA's MLP with silu): the
+    baseline of gated cases."""
+
+    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: nn.Module):
+        super().__init__()
+        self.gate, self.up, self.down, self.act = gate, up, down, act
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
 class Problem:
-    """The tensors of one case: a dense FFN (fc1, fc2) and the same weights in sfnn's layout."""
+    """The tensors of one case: a dense FFN (fc1, fc2) and the same weights in sfnn's layout.
+    A gated case adds ``gate_proj`` (fc1 is then the up projection) and ``dense`` is the dense
+    gated FFN."""
 
     def __init__(self, case: Case, device: str, seed: int = 0):
         torch.manual_seed(seed)
@@ -35,6 +49,12 @@ class Problem:
         self.fc2 = nn.Linear(d_ff, d, device=device, dtype=dt)
         act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "silu": nn.SiLU()}[case.activation]
         self.dense = nn.Sequential(self.fc1, act, self.fc2)
+        self.gate_keys = self.gate_bias = None
+        if case.gated:
+            self.gate_proj = nn.Linear(d, d_ff, device=device, dtype=dt)
+            self.dense = GatedMLP(self.gate_proj, self.fc1, self.fc2, act)
+            self.gate_keys = self.gate_proj.weight.detach().clone()
+            self.gate_bias = self.gate_proj.bias.detach().clone()
         self.keys = self.fc1.weight.detach().clone()
         self.key_bias = self.fc1.bias.detach().clone()
         self.values = self.fc2.weight.detach().t().contiguous()
@@ -43,17 +63,24 @@ class Problem:
         self.dy = torch.randn(case.tokens, d, device=device, dtype=dt)
         from sfnn.reference import block_means_ref, select_blocks_ref
 
-        self.kbar, self.bbar = block_means_ref(self.keys, self.key_bias, case.block_size)
+        scored = (self.gate_keys, self.gate_bias) if case.gated else (self.keys, self.key_bias)
+        self.kbar, self.bbar = block_means_ref(*scored, case.block_size)
         self.indices = select_blocks_ref(self.x, self.kbar, self.bbar, case.top_k)
         self.distinct_blocks = int(torch.unique(self.indices).numel())
         training = case.mode != "decode"
-        for p in (self.keys, self.key_bias, self.values, self.out_bias, self.x):
+        for p in self.sparse_params():
             p.requires_grad_(training)
         for p in self.dense.parameters():
             p.requires_grad_(training)
 
+    def gated_kwargs(self) -> dict:
+        """``gate_keys=``/``gate_bias=`` for sfnn's calls (empty for a plain case)."""
+        return {"gate_keys": self.gate_keys, "gate_bias": self.gate_bias} if self.case.gated \
+            else {}
+
     def sparse_params(self) -> list:
-        return [self.x, self.keys, self.values, self.key_bias, self.out_bias]
+        gate = [self.gate_keys, self.gate_bias] if self.case.gated else []
+        return [self.x, self.keys, self.values, self.key_bias, self.out_bias] + gate
 
     def dense_params(self) -> list:
         return [self.x, *self.dense.parameters()]
@@ -106,7 +133,7 @@ def _naive(pb: Problem) -> tuple:
     def naive(x):
         return sparse_ffn_ref(x, pb.keys, pb.values, block_size=c.block_size, top_k=c.top_k,
                               key_bias=pb.key_bias, out_bias=pb.out_bias,
-                              activation=c.activation)
+                              activation=c.activation, **pb.gated_kwargs())
 
     return naive, pb.sparse_params()
 
@@ -116,6 +143,8 @@ def _gather(pb: Problem) -> tuple:
     need = 2 * c.tokens * c.top_k * c.block_size * c.d_model * ELEMENT_SIZE[c.dtype]
     if need > GATHER_MAX_BYTES:
         raise MemoryError(f"gathered weights would take {need / 2**20:.0f} MiB")
+    if c.gated:
+        raise NotImplementedError("the gather baseline computes plain FFNs only")
     from sfnn._activations import apply_activation
     from sfnn.reference import select_blocks_ref
 
@@ -146,7 +175,7 @@ def sfnn_build(pb: Problem, **options) -> tuple:
     def sparse(x):
         return sfnn.sparse_ffn(x, pb.keys, pb.values, block_size=c.block_size, top_k=c.top_k,
                                key_bias=pb.key_bias, out_bias=pb.out_bias,
-                               activation=c.activation, **options)
+                               activation=c.activation, **pb.gated_kwargs(), **options)
 
     return sparse, pb.sparse_params()
 
@@ -185,6 +214,30 @@ register(Provider("gather", _gather, style={"ls": "-.", "marker": "^"},
                       "copies fit in 512 MiB (decoding)"))
 register(_sfnn_backend("torch", style={"ls": "-", "marker": "o"},
                        doc='`sfnn.sparse_ffn(..., backend="torch")`'))
+def _torch_nokernel(pb: Problem) -> tuple:
+    """``backend="torch"`` with the CPU kernel turned off for the call: the pure-PyTorch path
+    (the few-token path for short decodes), what users without a C++ compiler get."""
+    from sfnn import torch_path
+
+    f, params = sfnn_build(pb, backend="torch")
+
+    def nokernel(x):
+        saved = torch_path._cpu_kernel
+        torch_path._cpu_kernel = lambda t: None
+        try:
+            return f(x)
+        finally:
+            torch_path._cpu_kernel = saved
+
+    return nokernel, params
+
+
+register(Provider("torch-nokernel", _torch_nokernel,
+                  unavailable=lambda device: ("the CPU kernel is CPU-only" if device != "cpu"
+                                              else sfnn_unavailable("torch", device)),
+                  style={"ls": ":", "marker": "x"},
+                  doc='`backend="torch"` with the CPU kernel off (`SFNN_CPU_KERNEL=0`): the '
+                      "pure-PyTorch path"))
 register(_sfnn_backend("triton", style={"ls": "-", "marker": "D"},
                        doc='`backend="triton"`, CUDA tensors only'))
 register(_sfnn_backend("cuda", runs_on=lambda case: case.mode == "decode",
@@ -225,7 +278,8 @@ def selection_build(pb: Problem, method: str) -> tuple:
     def sparse(x):
         y, sel = sfnn.sparse_ffn(x, pb.keys, pb.values, block_size=c.block_size, top_k=c.top_k,
                                  key_bias=pb.key_bias, out_bias=pb.out_bias,
-                                 activation=c.activation, return_selection=True, **kw)
+                                 activation=c.activation, return_selection=True,
+                                 **pb.gated_kwargs(), **kw)
         if training and sel.gates is not None:
             return y + 0 * sel.aux_loss  # the balancing loss's backward is timed too
         return y

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 from .cases import Case
-from .cost import cost_model
+from .contention import contention
+from .cost import cost_model, floors
 from .measure import (
     PEAK_MEMORY,
     TIMERS,
@@ -44,8 +45,15 @@ from .report import (
 
 def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
              meta: dict, log: Callable, notes: list) -> list:
-    """Time every runnable provider of ``case``; return its CSV rows (dicts). A provider that
-    fails on the case is left out, with a line in ``notes``."""
+    """Time every runnable provider of ``case``, with ``case.contention`` busy processes
+    running; return its CSV rows (dicts). A provider that fails on the case is left out, with a
+    line in ``notes``."""
+    with contention(case.contention):
+        return _run_case(case, device, ceilings, reasons, budget_s, meta, log, notes)
+
+
+def _run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_s: float,
+              meta: dict, log: Callable, notes: list) -> list:
     case.validate()
     pb = Problem(case, device)
     runners, outputs = {}, {}
@@ -69,14 +77,13 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
         with torch.no_grad():
             ref = sparse_ffn_ref(pb.x, pb.keys, pb.values, block_size=case.block_size,
                                  top_k=case.top_k, key_bias=pb.key_bias, out_bias=pb.out_bias,
-                                 activation=case.activation)
+                                 activation=case.activation, **pb.gated_kwargs())
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     times = TIMERS[device](runners, budget_s, min_reps=case.min_reps)
     mem = {p: PEAK_MEMORY[device](fn) for p, fn in runners.items()}
     costs = cost_model(case, pb.distinct_blocks)
     peak_fl = ceilings.tflops.get(case.dtype, next(iter(ceilings.tflops.values())))
-    floor_s = max(costs["floor_flops"] / (peak_fl * 1e12),
-                  costs["floor_bytes"] / (ceilings.gbs * 1e9))
+    floor_s, floor_hbm_s = floors(costs, peak_fl, ceilings.gbs, ceilings.cache_gbs())
     dense_ms = times["dense"][0] if "dense" in times else None
     rows = []
     for prov, (med, p20, p80, low, reps) in times.items():
@@ -99,10 +106,13 @@ def run_case(case: Case, device: str, ceilings: Ceilings, reasons: dict, budget_
             "speedup_vs_dense": dense_ms / med if dense_ms else "",
             "peak_mem_mb": mem[prov] / 2**20 if mem[prov] is not None else "n/a",
             "floor_ms": floor_s * 1e3, "frac_of_floor": floor_s / sec,
+            "floor_hbm_ms": floor_hbm_s * 1e3,
             "floor_flops": costs["floor_flops"], "floor_bytes": costs["floor_bytes"],
+            "combine_bytes": costs["combine_bytes"],
             "ceiling_tflops": peak_fl, "ceiling_gbs": ceilings.gbs,
+            "ceiling_l2_gbs": ceilings.cache_gbs(),
             "ceiling_source": ceilings.source, "rel_err": rel, "check": check,
-            "load_1m": load,
+            "load_1m": load, "contention": case.contention, "gated": case.gated,
         })
     return rows
 
@@ -171,7 +181,8 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
             break
         label = (f"[{i + 1}/{len(cases)}] {case.mode} T={case.tokens} d={case.d_model} "
                  f"d_ff={case.d_ff} g={case.block_size} k={case.top_k} "
-                 f"({density_label(case.density)}) {case.dtype} {case.activation}")
+                 f"({density_label(case.density)}) {case.dtype} {case.activation}"
+                 + (f" contention={case.contention}" if case.contention else ""))
         try:
             new = run_case(case, device, ceilings, reasons, budget, meta, log, notes)
         except (Interrupted, KeyboardInterrupt) as err:
@@ -197,7 +208,9 @@ def run_sweep(cases: list, *, device: str, out_dir: str, preset: str, budget: fl
         done += 1
         if bar is not None:
             bar.update(1)
-        if case.tag == "acceptance" and (i + 1 == len(cases) or cases[i + 1].tag != "acceptance"):
+        if case.tag in ("acceptance", "gated-acceptance") and (
+                i + 1 == len(cases) or cases[i + 1].tag != case.tag
+                or cases[i + 1].contention != case.contention):
             for line in acceptance_summary(rows):
                 log(line)
         if device == "cuda":
