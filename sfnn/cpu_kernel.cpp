@@ -6,14 +6,15 @@
 // OpenMP parallel region with a barrier; on a machine shared with another busy process every
 // barrier waits for a descheduled thread, and the path collapses (issue 12). Here the
 // (token, slot) pairs are grouped by block once (a counting sort, stable: the same block order
-// as the torch path), the blocks are split into one contiguous range per task with about equal
-// work, and each task runs its blocks alone: gather the tokens' rows, GEMM with the block's
-// key rows, activation, GEMM with its value rows, add into the task's own fp32 (fp64 for fp64)
-// output rows. The GEMMs and activations are ATen ops called inside the parallel region, where
-// ATen and MKL run them on the calling thread. A second region sums the tasks' partial outputs
-// in task order. With deterministic=True each task owns a fixed range of blocks and the
-// results are bitwise repeatable for a given thread count; otherwise the tasks take blocks from
-// a shared counter, which keeps both threads busy when the OS deschedules one of them.
+// as the torch path), the blocks are split into contiguous ranges of about equal work, two
+// tasks per thread, and each task runs its blocks alone: gather the tokens' rows, GEMM with the
+// block's key rows, activation, GEMM with its value rows, add into the task's own fp32 (fp64
+// for fp64) output rows. The GEMMs and activations are ATen ops called inside the parallel
+// region, where ATen and MKL run them on the calling thread. Threads claim tasks as they come
+// (a thread the OS deschedules on a busy machine leaves its unclaimed tasks to the others);
+// a second region sums the tasks' partial outputs in task order. A task's blocks and
+// accumulator do not depend on which thread ran it, so the results are bitwise repeatable run
+// to run for a given thread count.
 //
 // Shapes as in sfnn/ops.py's backend protocol: x (T, d_model), keys / values (d_ff, d_model),
 // indices int32 (T, top_k) in [0, n_blocks), key_bias (d_ff,), out_bias (d_model,), gates
@@ -22,6 +23,7 @@
 // (x k^T + b) and saves [A_gate | A_up], (T * top_k, 2 g) (PLAN.md's gated protocol).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/clamp_min.h>
@@ -50,7 +52,7 @@
 #include <vector>
 
 // The BLAS and OpenMP runtimes torch itself uses, when present (weak: a torch without MKL or
-// OpenMP still loads this library). See SingleThreaded. MKL's C entry point is the mixed-case
+// OpenMP still loads this library). See WorkerScope. MKL's C entry point is the mixed-case
 // name (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol is the Fortran
 // one, which takes a pointer).
 extern "C" __attribute__((weak)) int MKL_Set_Num_Threads_Local(int n);
@@ -59,30 +61,34 @@ extern "C" __attribute__((weak)) int omp_get_max_threads(void);
 
 namespace {
 
-// Inside the kernel's parallel region every ATen op must run on the calling thread. ATen's own
-// parallel_for does, but torch turns MKL's dynamic threading off (mkl_set_dynamic(0)), so an
-// MKL GEMM called there would fork a nested team of torch's thread count, and oneDNN sizes its
-// teams from OpenMP's nthreads: one fork/join (and, under contention, a wait for a descheduled
-// thread) per GEMM, the very cost the kernel exists to avoid. This guard makes both run
-// single-threaded on this thread for the guard's lifetime, and restores both settings (libgomp
-// keeps the master thread's setting after the region: torch.get_num_threads() reads it).
-class SingleThreaded {
+// What a thread of the kernel's parallel regions needs before it calls ATen ops. (1) They must
+// run on the calling thread. ATen's own parallel_for does, but torch turns MKL's dynamic
+// threading off (mkl_set_dynamic(0)), so an MKL GEMM called there would fork a nested team of
+// torch's thread count, and oneDNN sizes its teams from OpenMP's nthreads: one fork/join (and,
+// under contention, a wait for a descheduled thread) per GEMM, the very cost the kernel exists
+// to avoid. Both run single-threaded on this thread for the scope's lifetime, and both settings
+// are restored (libgomp keeps the master thread's setting after the region:
+// torch.get_num_threads() reads it). (2) They must not see autograd: the op runs below it, but
+// dispatch state is thread-local and OpenMP's worker threads start with autograd on, where an
+// out= GEMM on a parameter that requires grad raises.
+class WorkerScope {
  public:
-  SingleThreaded() {
+  WorkerScope() {
     if (omp_set_num_threads != nullptr && omp_get_max_threads != nullptr) {
       omp_previous_ = omp_get_max_threads();
       omp_set_num_threads(1);
     }
     if (MKL_Set_Num_Threads_Local != nullptr) mkl_previous_ = MKL_Set_Num_Threads_Local(1);
   }
-  ~SingleThreaded() {
+  ~WorkerScope() {
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(mkl_previous_);
     if (omp_previous_ > 0) omp_set_num_threads(omp_previous_);
   }
-  SingleThreaded(const SingleThreaded&) = delete;
-  SingleThreaded& operator=(const SingleThreaded&) = delete;
+  WorkerScope(const WorkerScope&) = delete;
+  WorkerScope& operator=(const WorkerScope&) = delete;
 
  private:
+  const at::AutoDispatchBelowADInplaceOrView below_autograd_;
   int omp_previous_ = 0;
   int mkl_previous_ = 0;  // 0: back to MKL's global setting
 };
@@ -92,6 +98,9 @@ class SingleThreaded {
 constexpr int64_t kAccBudgetBytes = int64_t{512} << 20;
 // A block's fixed cost in units of one token row, for balancing the tasks' work.
 constexpr int64_t kBlockOverheadRows = 8;
+// Tasks per thread: more balance a thread that is descheduled, but each is one more (T, d_model)
+// accumulator to zero and sum.
+constexpr int64_t kTasksPerThread = 2;
 
 enum class Act { kRelu, kGelu, kSilu };
 
@@ -166,40 +175,41 @@ int64_t num_tasks(int64_t n_blocks, int64_t acc_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t budget = std::max(kAccBudgetBytes, 2 * acc_bytes);
   const int64_t by_memory = 1 + budget / std::max<int64_t>(acc_bytes, 1);
-  return std::max<int64_t>(1, std::min({threads, n_blocks, by_memory}));
+  return std::max<int64_t>(1, std::min({kTasksPerThread * threads, n_blocks, by_memory}));
+}
+
+// task_fn(task) for every task in [0, tasks), in one parallel region: each thread claims the
+// next unclaimed task until none is left.
+template <typename F>
+void run_tasks(int64_t tasks, const F& task_fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(tasks, std::max<int64_t>(1, at::get_num_threads()));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const WorkerScope scope;
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      task_fn(task);
+    }
+  });
+}
+
+// One (T, d_model) accumulator per task in the accumulation dtype; the first is `out` itself
+// when it has that dtype (the sum of the parts is then written over it in place).
+std::vector<at::Tensor> task_accumulators(const at::Tensor& out, int64_t tasks,
+                                          at::ScalarType acc_t) {
+  std::vector<at::Tensor> acc(static_cast<size_t>(tasks));
+  for (size_t i = 0; i < acc.size(); ++i) {
+    acc[i] = i == 0 && out.scalar_type() == acc_t ? out : at::empty(out.sizes(),
+                                                                    out.options().dtype(acc_t));
+  }
+  return acc;
 }
 
 // Token rows per pass over a block: the gathered rows and the block's output rows of a pass
-// (2 x rows x d_model elements) stay within ~256 KiB, in L2, between the GEMM and the gather
-// or scatter next to it.
+// (2 x rows x d_model elements) take about 1 MiB, the L2 of a core on the machines we measure
+// (half of it cost 10% more time at the acceptance shape: MKL's small-M GEMMs run slower).
 int64_t chunk_rows(int64_t d, int64_t elt) {
-  return std::clamp<int64_t>(int64_t{256 * 1024} / (2 * d * elt), 32, 512);
+  return std::clamp<int64_t>(int64_t{1024 * 1024} / (2 * d * elt), 32, 512);
 }
-
-// The blocks a task runs: its own contiguous range (deterministic: the same blocks meet the
-// same accumulator every run), or one block at a time from a shared counter (balances threads
-// that the OS deschedules on a busy machine; a token's partial sums then meet in a varying
-// order).
-class BlockQueue {
- public:
-  BlockQueue(std::vector<int64_t> bounds, int64_t n_blocks, bool dynamic)
-      : bounds_(std::move(bounds)), n_blocks_(n_blocks), dynamic_(dynamic) {}
-  int64_t begin(int64_t task) const { return dynamic_ ? 0 : bounds_[task]; }
-  // The next block for `task` (cursor starts at begin(task)), or -1.
-  int64_t next(int64_t task, int64_t& cursor) {
-    if (dynamic_) {
-      const int64_t b = shared_.fetch_add(1, std::memory_order_relaxed);
-      return b < n_blocks_ ? b : -1;
-    }
-    return cursor < bounds_[task + 1] ? cursor++ : -1;
-  }
-
- private:
-  std::vector<int64_t> bounds_;
-  int64_t n_blocks_;
-  bool dynamic_;
-  std::atomic<int64_t> shared_{0};
-};
 
 // rows[i] = src[tok[i]] for the n pairs' tokens (row-contiguous tensors).
 void gather_rows(at::Tensor& dst, const at::Tensor& src, const int64_t* pairs, int64_t n,
@@ -403,7 +413,7 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
     const at::Tensor& x, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& indices, const std::optional<at::Tensor>& key_bias_in,
     const std::optional<at::Tensor>& out_bias_in, const std::optional<at::Tensor>& gates_in,
-    int64_t block_size, const std::string& activation, bool save, bool deterministic,
+    int64_t block_size, const std::string& activation, bool save,
     const std::optional<at::Tensor>& gate_keys_in, const std::optional<at::Tensor>& gate_bias_in) {
   check_inputs(x, keys, values, indices, block_size);
   const Act act = parse_activation(activation);
@@ -426,73 +436,68 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
   if (T == 0) return {y, saved};
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, acc_bytes);
-  BlockQueue queue(partition(r, n_blocks, tasks), n_blocks, !deterministic);
-  std::vector<at::Tensor> acc(static_cast<size_t>(tasks));
-  for (auto& a : acc) a = at::empty({T, d}, x.options().dtype(acc_t));
+  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  std::vector<at::Tensor> acc = task_accumulators(y, tasks, acc_t);
   const int64_t chunk = chunk_rows(d, x.element_size());
 
-  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    const SingleThreaded single;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      at::Tensor& out = acc[static_cast<size_t>(task)];
-      out.zero_();
-      at::Tensor s_x, s_pre, s_h, s_out;  // [chunk, d], [chunk, g], [chunk, g], [chunk, d]
-      int64_t cursor = queue.begin(task);
-      for (int64_t b; (b = queue.next(task, cursor)) >= 0;) {
-        const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
-        if (n == 0) continue;
-        const int64_t* pairs = r.pair.data() + p0;
-        if (n <= kGemvMaxRows) {
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_mv",
-                                          [&] {
-            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-            block_gemv_any<scalar_t, A>(
-                out.data_ptr<A>(), x.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
-                values.data_ptr<scalar_t>(),
-                key_bias.defined() ? key_bias.data_ptr<scalar_t>() : nullptr,
-                gated ? gate_keys.data_ptr<scalar_t>() : nullptr,
-                gate_bias.defined() ? gate_bias.data_ptr<scalar_t>() : nullptr,
-                gates.defined() ? gates.data_ptr<A>() : nullptr, pairs, n, top_k, d, g, b, act,
-                save ? saved.data_ptr<scalar_t>() + p0 * sw : nullptr);
-          });
-          continue;
+  run_tasks(tasks, [&](int64_t task) {
+    at::Tensor& out = acc[static_cast<size_t>(task)];
+    out.zero_();
+    at::Tensor s_x, s_pre, s_h, s_out;  // [chunk, d], [chunk, g], [chunk, g], [chunk, d]
+    for (int64_t b = bounds[task]; b < bounds[task + 1]; ++b) {
+      const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
+      if (n == 0) continue;
+      const int64_t* pairs = r.pair.data() + p0;
+      if (n <= kGemvMaxRows) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_mv",
+                                        [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          block_gemv_any<scalar_t, A>(
+              out.data_ptr<A>(), x.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
+              values.data_ptr<scalar_t>(),
+              key_bias.defined() ? key_bias.data_ptr<scalar_t>() : nullptr,
+              gated ? gate_keys.data_ptr<scalar_t>() : nullptr,
+              gate_bias.defined() ? gate_bias.data_ptr<scalar_t>() : nullptr,
+              gates.defined() ? gates.data_ptr<A>() : nullptr, pairs, n, top_k, d, g, b, act,
+              save ? saved.data_ptr<scalar_t>() + p0 * sw : nullptr);
+        });
+        continue;
+      }
+      if (!s_x.defined()) {
+        s_x = at::empty({chunk, d}, x.options());
+        s_pre = at::empty({chunk, sw}, x.options());
+        s_h = at::empty({chunk, g}, x.options());
+        s_out = at::empty({chunk, d}, x.options());
+      }
+      const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+      const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
+      const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
+      const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t m = std::min(chunk, n - c0);
+        at::Tensor xb = s_x.narrow(0, 0, m);
+        gather_rows(xb, x, pairs + c0, m, top_k);
+        at::Tensor pre = save ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
+        at::Tensor h = s_h.narrow(0, 0, m);
+        if (gated) {  // h = act(x kg^T + bg) * (x k^T + b)
+          at::Tensor pre_g = pre.narrow(1, 0, g), pre_u = pre.narrow(1, g, g);
+          key_gemm(pre_g, xb, gkb, gbb);
+          key_gemm(pre_u, xb, kb, bb);
+          activate(h, pre_g, act);
+          h.mul_(pre_u);
+        } else {
+          key_gemm(pre, xb, kb, bb);
+          activate(h, pre, act);
         }
-        if (!s_x.defined()) {
-          s_x = at::empty({chunk, d}, x.options());
-          s_pre = at::empty({chunk, sw}, x.options());
-          s_h = at::empty({chunk, g}, x.options());
-          s_out = at::empty({chunk, d}, x.options());
-        }
-        const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
-        const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
-        const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
-        const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
-        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-          const int64_t m = std::min(chunk, n - c0);
-          at::Tensor xb = s_x.narrow(0, 0, m);
-          gather_rows(xb, x, pairs + c0, m, top_k);
-          at::Tensor pre = save ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
-          at::Tensor h = s_h.narrow(0, 0, m);
-          if (gated) {  // h = act(x kg^T + bg) * (x k^T + b)
-            at::Tensor pre_g = pre.narrow(1, 0, g), pre_u = pre.narrow(1, g, g);
-            key_gemm(pre_g, xb, gkb, gbb);
-            key_gemm(pre_u, xb, kb, bb);
-            activate(h, pre_g, act);
-            h.mul_(pre_u);
-          } else {
-            key_gemm(pre, xb, kb, bb);
-            activate(h, pre, act);
-          }
-          at::Tensor ob = s_out.narrow(0, 0, m);
-          at::mm_out(ob, h, vb);
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd",
-                                          [&] {
-            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-            scatter_add_rows<scalar_t, A>(out.data_ptr<A>(), ob.data_ptr<scalar_t>(),
-                                          pairs + c0, m, top_k, d,
-                                          gates.defined() ? gates.data_ptr<A>() : nullptr);
-          });
-        }
+        at::Tensor ob = s_out.narrow(0, 0, m);
+        at::mm_out(ob, h, vb);
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_fwd",
+                                        [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          scatter_add_rows<scalar_t, A>(out.data_ptr<A>(), ob.data_ptr<scalar_t>(),
+                                        pairs + c0, m, top_k, d,
+                                        gates.defined() ? gates.data_ptr<A>() : nullptr);
+        });
       }
     }
   });
@@ -548,7 +553,7 @@ Grads block_ffn_bwd(
     const at::Tensor& values, const at::Tensor& indices,
     const std::optional<at::Tensor>& key_bias_in, const std::optional<at::Tensor>& gates_in,
     const at::Tensor& saved, int64_t block_size, const std::string& activation,
-    c10::List<bool> needs, bool deterministic, const std::optional<at::Tensor>& gate_keys_in,
+    c10::List<bool> needs, const std::optional<at::Tensor>& gate_keys_in,
     const std::optional<at::Tensor>& gate_bias_in) {
   check_inputs(x, keys, values, indices, block_size);
   TORCH_CHECK(needs.size() == 5 || needs.size() == 7, "sfnn_cpu: needs must hold 5 or 7 flags");
@@ -589,150 +594,146 @@ Grads block_ffn_bwd(
   const Routing r = route(indices, n_blocks);
   const int64_t acc_bytes = T * d * static_cast<int64_t>(c10::elementSize(acc_t));
   const int64_t tasks = num_tasks(n_blocks, need_dx ? acc_bytes : 0);
-  BlockQueue queue(partition(r, n_blocks, tasks), n_blocks, !deterministic);
-  std::vector<at::Tensor> acc(need_dx ? static_cast<size_t>(tasks) : 0);
-  for (auto& a : acc) a = at::empty({T, d}, opts.dtype(acc_t));
+  const std::vector<int64_t> bounds = partition(r, n_blocks, tasks);
+  std::vector<at::Tensor> acc = need_dx ? task_accumulators(dx, tasks, acc_t)
+                                        : std::vector<at::Tensor>();
   const int64_t chunk = chunk_rows(d, x.element_size());
 
-  at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
-    const SingleThreaded single;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      if (need_dx) acc[static_cast<size_t>(task)].zero_();
-      // [chunk, d] x 2, [chunk, sw], [chunk, g] x 3 (+ 2 gated)
-      at::Tensor s_dy = at::empty({chunk, d}, opts), s_x = at::empty({chunk, d}, opts);
-      at::Tensor s_pre = at::empty({chunk, sw}, opts), s_h = at::empty({chunk, g}, opts);
-      at::Tensor s_dh = at::empty({chunk, g}, opts), s_da = at::empty({chunk, g}, opts);
-      at::Tensor s_act = gated ? at::empty({chunk, g}, opts) : none;
-      at::Tensor s_dau = gated ? at::empty({chunk, g}, opts) : none;
-      int64_t cursor = queue.begin(task);
-      for (int64_t b; (b = queue.next(task, cursor)) >= 0;) {
-        const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
-        if (n == 0) {  // nobody chose it: zero gradients (each block is one task's)
-          if (need_dk) dkeys.narrow(0, b * g, g).zero_();
-          if (need_dv) dvalues.narrow(0, b * g, g).zero_();
-          if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
-          if (need_dgk) dgate_keys.narrow(0, b * g, g).zero_();
-          if (need_dgb) dgate_bias.narrow(0, b * g, g).zero_();
-          continue;
-        }
-        const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
-        const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
-        const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
-        const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
-        at::Tensor dkb = need_dk ? dkeys.narrow(0, b * g, g) : none;
-        at::Tensor dvb = need_dv ? dvalues.narrow(0, b * g, g) : none;
-        at::Tensor dgkb = need_dgk ? dgate_keys.narrow(0, b * g, g) : none;
-        std::vector<double> bias_sum(need_dkb ? static_cast<size_t>(g) : 0, 0.0);
-        std::vector<double> gbias_sum(need_dgb ? static_cast<size_t>(g) : 0, 0.0);
-        for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-          const int64_t m = std::min(chunk, n - c0);
-          const int64_t* pairs = r.pair.data() + p0 + c0;
-          const bool first = c0 == 0;
-          at::Tensor dyb = s_dy.narrow(0, 0, m);
-          gather_rows(dyb, dy, pairs, m, top_k);
-          at::Tensor xb = s_x.narrow(0, 0, m);
-          if (need_dk || need_dgk || !have_saved) gather_rows(xb, x, pairs, m, top_k);
-          at::Tensor pre = have_saved ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
-          // pre_a: the activation's input (the gate's pre-activation when gated)
-          at::Tensor pre_a = gated ? pre.narrow(1, 0, g) : pre;
-          at::Tensor pre_u = gated ? pre.narrow(1, g, g) : none;
-          if (!have_saved) {
-            if (gated) {
-              key_gemm(pre_a, xb, gkb, gbb);
-              key_gemm(pre_u, xb, kb, bb);
-            } else {
-              key_gemm(pre, xb, kb, bb);
-            }
-          }
-          at::Tensor h = s_h.narrow(0, 0, m), dh = s_dh.narrow(0, 0, m);
-          at::Tensor act_g = gated ? s_act.narrow(0, 0, m) : none;
-          if (gated && (need_dv || need_dg || need_da)) activate(act_g, pre_a, act);
-          if (need_dv || need_dg) {
-            if (gated) {
-              at::mul_out(h, act_g, pre_u);
-            } else {
-              activate(h, pre, act);
-            }
-          }
-          if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g",
-                                          [&] {
-            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-            if (!gates.defined()) return;
-            const A* gp = gates.data_ptr<A>();
-            if (need_dg) {
-              row_dots<scalar_t, A>(dgates.data_ptr<A>(), h.data_ptr<scalar_t>(),
-                                    dh.data_ptr<scalar_t>(), pairs, m, g);
-            }
-            if (need_dv) scale_rows<scalar_t, A>(h.data_ptr<scalar_t>(), gp, pairs, m, g);
-            if (need_da) scale_rows<scalar_t, A>(dh.data_ptr<scalar_t>(), gp, pairs, m, g);
-          });
-          if (need_dv) {
-            if (first) {
-              at::mm_out(dvb, h.t(), dyb);
-            } else {
-              dvb.addmm_(h.t(), dyb);
-            }
-          }
-          if (!need_da) continue;
-          // da: the gradient of the activation's input (dA_g when gated); dau: of A_u (gated)
-          at::Tensor da = s_da.narrow(0, 0, m);
-          at::Tensor dau = gated ? s_dau.narrow(0, 0, m) : none;
+  run_tasks(tasks, [&](int64_t task) {
+    if (need_dx) acc[static_cast<size_t>(task)].zero_();
+    // [chunk, d] x 2, [chunk, sw], [chunk, g] x 3 (+ 2 gated)
+    at::Tensor s_dy = at::empty({chunk, d}, opts), s_x = at::empty({chunk, d}, opts);
+    at::Tensor s_pre = at::empty({chunk, sw}, opts), s_h = at::empty({chunk, g}, opts);
+    at::Tensor s_dh = at::empty({chunk, g}, opts), s_da = at::empty({chunk, g}, opts);
+    at::Tensor s_act = gated ? at::empty({chunk, g}, opts) : none;
+    at::Tensor s_dau = gated ? at::empty({chunk, g}, opts) : none;
+    for (int64_t b = bounds[task]; b < bounds[task + 1]; ++b) {
+      const int64_t p0 = r.offset[b], n = r.offset[b + 1] - p0;
+      if (n == 0) {  // nobody chose it: zero gradients (each block is one task's)
+        if (need_dk) dkeys.narrow(0, b * g, g).zero_();
+        if (need_dv) dvalues.narrow(0, b * g, g).zero_();
+        if (need_dkb) dkey_bias.narrow(0, b * g, g).zero_();
+        if (need_dgk) dgate_keys.narrow(0, b * g, g).zero_();
+        if (need_dgb) dgate_bias.narrow(0, b * g, g).zero_();
+        continue;
+      }
+      const at::Tensor kb = keys.narrow(0, b * g, g), vb = values.narrow(0, b * g, g);
+      const at::Tensor bb = key_bias.defined() ? key_bias.narrow(0, b * g, g) : at::Tensor();
+      const at::Tensor gkb = gated ? gate_keys.narrow(0, b * g, g) : at::Tensor();
+      const at::Tensor gbb = gate_bias.defined() ? gate_bias.narrow(0, b * g, g) : at::Tensor();
+      at::Tensor dkb = need_dk ? dkeys.narrow(0, b * g, g) : none;
+      at::Tensor dvb = need_dv ? dvalues.narrow(0, b * g, g) : none;
+      at::Tensor dgkb = need_dgk ? dgate_keys.narrow(0, b * g, g) : none;
+      std::vector<double> bias_sum(need_dkb ? static_cast<size_t>(g) : 0, 0.0);
+      std::vector<double> gbias_sum(need_dgb ? static_cast<size_t>(g) : 0, 0.0);
+      for (int64_t c0 = 0; c0 < n; c0 += chunk) {
+        const int64_t m = std::min(chunk, n - c0);
+        const int64_t* pairs = r.pair.data() + p0 + c0;
+        const bool first = c0 == 0;
+        at::Tensor dyb = s_dy.narrow(0, 0, m);
+        gather_rows(dyb, dy, pairs, m, top_k);
+        at::Tensor xb = s_x.narrow(0, 0, m);
+        if (need_dk || need_dgk || !have_saved) gather_rows(xb, x, pairs, m, top_k);
+        at::Tensor pre = have_saved ? saved.narrow(0, p0 + c0, m) : s_pre.narrow(0, 0, m);
+        // pre_a: the activation's input (the gate's pre-activation when gated)
+        at::Tensor pre_a = gated ? pre.narrow(1, 0, g) : pre;
+        at::Tensor pre_u = gated ? pre.narrow(1, g, g) : none;
+        if (!have_saved) {
           if (gated) {
-            at::mul_out(dau, dh, act_g);
-            at::mul_out(h, dh, pre_u);  // h is used up: it holds dh * A_u now
-            activate_backward(da, h, pre_a, act);
+            key_gemm(pre_a, xb, gkb, gbb);
+            key_gemm(pre_u, xb, kb, bb);
           } else {
-            activate_backward(da, dh, pre, act);
+            key_gemm(pre, xb, kb, bb);
           }
-          const at::Tensor& du = gated ? dau : da;  // the up table's pre-activation gradient
-          if (need_dk) {
-            if (first) {
-              at::mm_out(dkb, du.t(), xb);
-            } else {
-              dkb.addmm_(du.t(), xb);
-            }
+        }
+        at::Tensor h = s_h.narrow(0, 0, m), dh = s_dh.narrow(0, 0, m);
+        at::Tensor act_g = gated ? s_act.narrow(0, 0, m) : none;
+        if (gated && (need_dv || need_dg || need_da)) activate(act_g, pre_a, act);
+        if (need_dv || need_dg) {
+          if (gated) {
+            at::mul_out(h, act_g, pre_u);
+          } else {
+            activate(h, pre, act);
           }
-          if (need_dgk) {
-            if (first) {
-              at::mm_out(dgkb, da.t(), xb);
-            } else {
-              dgkb.addmm_(da.t(), xb);
-            }
+        }
+        if (need_da || need_dg) at::mm_out(dh, dyb, vb.t());  // before the gate
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_g",
+                                        [&] {
+          using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          if (!gates.defined()) return;
+          const A* gp = gates.data_ptr<A>();
+          if (need_dg) {
+            row_dots<scalar_t, A>(dgates.data_ptr<A>(), h.data_ptr<scalar_t>(),
+                                  dh.data_ptr<scalar_t>(), pairs, m, g);
           }
-          if (need_dkb || need_dgb) {
-            AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
-                                            [&] {
-              if (need_dkb) add_column_sums<scalar_t>(bias_sum.data(), du.data_ptr<scalar_t>(), m, g);
-              if (need_dgb) add_column_sums<scalar_t>(gbias_sum.data(), da.data_ptr<scalar_t>(), m, g);
-            });
+          if (need_dv) scale_rows<scalar_t, A>(h.data_ptr<scalar_t>(), gp, pairs, m, g);
+          if (need_da) scale_rows<scalar_t, A>(dh.data_ptr<scalar_t>(), gp, pairs, m, g);
+        });
+        if (need_dv) {
+          if (first) {
+            at::mm_out(dvb, h.t(), dyb);
+          } else {
+            dvb.addmm_(h.t(), dyb);
           }
-          if (need_dx) {
-            at::Tensor dxb = s_dy.narrow(0, 0, m);  // this chunk's dy rows are used up
-            at::mm_out(dxb, du, kb);
-            if (gated) dxb.addmm_(da, gkb);
-            AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
-                                            [&] {
-              using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-              scatter_add_rows<scalar_t, A>(acc[static_cast<size_t>(task)].data_ptr<A>(),
-                                            dxb.data_ptr<scalar_t>(), pairs, m, top_k, d,
-                                            nullptr);
-            });
+        }
+        if (!need_da) continue;
+        // da: the gradient of the activation's input (dA_g when gated); dau: of A_u (gated)
+        at::Tensor da = s_da.narrow(0, 0, m);
+        at::Tensor dau = gated ? s_dau.narrow(0, 0, m) : none;
+        if (gated) {
+          at::mul_out(dau, dh, act_g);
+          at::mul_out(h, dh, pre_u);  // h is used up: it holds dh * A_u now
+          activate_backward(da, h, pre_a, act);
+        } else {
+          activate_backward(da, dh, pre, act);
+        }
+        const at::Tensor& du = gated ? dau : da;  // the up table's pre-activation gradient
+        if (need_dk) {
+          if (first) {
+            at::mm_out(dkb, du.t(), xb);
+          } else {
+            dkb.addmm_(du.t(), xb);
+          }
+        }
+        if (need_dgk) {
+          if (first) {
+            at::mm_out(dgkb, da.t(), xb);
+          } else {
+            dgkb.addmm_(da.t(), xb);
           }
         }
         if (need_dkb || need_dgb) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
                                           [&] {
-            if (need_dkb) {
-              scalar_t* out = dkey_bias.data_ptr<scalar_t>() + b * g;
-              for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(bias_sum[c]);
-            }
-            if (need_dgb) {
-              scalar_t* out = dgate_bias.data_ptr<scalar_t>() + b * g;
-              for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(gbias_sum[c]);
-            }
+            if (need_dkb) add_column_sums<scalar_t>(bias_sum.data(), du.data_ptr<scalar_t>(), m, g);
+            if (need_dgb) add_column_sums<scalar_t>(gbias_sum.data(), da.data_ptr<scalar_t>(), m, g);
           });
         }
+        if (need_dx) {
+          at::Tensor dxb = s_dy.narrow(0, 0, m);  // this chunk's dy rows are used up
+          at::mm_out(dxb, du, kb);
+          if (gated) dxb.addmm_(da, gkb);
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_dx",
+                                          [&] {
+            using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+            scatter_add_rows<scalar_t, A>(acc[static_cast<size_t>(task)].data_ptr<A>(),
+                                          dxb.data_ptr<scalar_t>(), pairs, m, top_k, d,
+                                          nullptr);
+          });
+        }
+      }
+      if (need_dkb || need_dgb) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_db",
+                                        [&] {
+          if (need_dkb) {
+            scalar_t* out = dkey_bias.data_ptr<scalar_t>() + b * g;
+            for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(bias_sum[c]);
+          }
+          if (need_dgb) {
+            scalar_t* out = dgate_bias.data_ptr<scalar_t>() + b * g;
+            for (int64_t c = 0; c < g; ++c) out[c] = static_cast<scalar_t>(gbias_sum[c]);
+          }
+        });
       }
     }
   });
@@ -781,7 +782,7 @@ at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
   // Token rows per GEMM: their scores, (rows, n_blocks) fp32, stay within ~256 KiB.
   const int64_t chunk = std::clamp<int64_t>(int64_t{65536} / n_blocks, 16, 512);
   at::parallel_for(0, T, chunk, [&](int64_t t_begin, int64_t t_end) {
-    const SingleThreaded single;
+    const WorkerScope scope;
     std::vector<int64_t> keys(static_cast<size_t>(n_blocks));
     int32_t* o = out.data_ptr<int32_t>();
     for (int64_t t0 = t_begin; t0 < t_end; t0 += chunk) {
@@ -801,20 +802,33 @@ at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
   return out;
 }
 
+// The number of threads that ran a parallel region of this library, as the kernels open them:
+// torch's thread count where the library was built with OpenMP, 1 where it was not (ATen's
+// parallel_for is inline in its headers and runs serially without OpenMP).
+int64_t region_threads() {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int id = std::min(at::get_thread_num(), 63);
+    seen.fetch_or(uint64_t{1} << id, std::memory_order_relaxed);
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sfnn_cpu, m) {
   m.def(
       "block_ffn_fwd(Tensor x, Tensor keys, Tensor values, Tensor indices, Tensor? key_bias, "
       "Tensor? out_bias, Tensor? gates, int block_size, str activation, bool save, "
-      "bool deterministic, Tensor? gate_keys=None, Tensor? gate_bias=None) -> (Tensor, Tensor)",
+      "Tensor? gate_keys=None, Tensor? gate_bias=None) -> (Tensor, Tensor)",
       &block_ffn_fwd);
   m.def(
       "block_ffn_bwd(Tensor dy, Tensor x, Tensor keys, Tensor values, Tensor indices, "
       "Tensor? key_bias, Tensor? gates, Tensor saved, int block_size, str activation, "
-      "bool[] needs, bool deterministic, Tensor? gate_keys=None, Tensor? gate_bias=None) -> "
+      "bool[] needs, Tensor? gate_keys=None, Tensor? gate_bias=None) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
       &block_ffn_bwd);
   m.def("select_blocks(Tensor x, Tensor kbar, Tensor? bbar, int top_k) -> Tensor",
         &select_blocks);
+  m.def("region_threads() -> int", &region_threads);
 }

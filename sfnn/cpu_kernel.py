@@ -58,7 +58,19 @@ def _cflags() -> list[str]:
     flags = ["-O3"]
     if platform.machine() in ("x86_64", "AMD64") and _cpu_identity():
         flags.append("-march=native")
-    return flags
+    return flags + _openmp_flags()
+
+
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch runs on OpenMP (its Linux wheels, with libgomp): ``at::parallel_for``
+    is inline in ATen's headers and runs its range serially in a translation unit compiled
+    without OpenMP, which would make the kernel's "one parallel region" one thread. Linking it
+    adds libgomp.so.1, the soname torch's own libgomp already has, so the loader reuses torch's
+    runtime rather than starting a second thread pool. Elsewhere (macOS clang, a torch without
+    OpenMP) none: the kernel then runs on one thread."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
 
 
 def _name() -> str:
@@ -96,11 +108,16 @@ def _load() -> str | None:
                       f"minute; {ENV}=0 skips it)", stacklevel=3)
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(),
+                           extra_ldflags=_openmp_flags(),
                            is_python_module=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"building the CPU kernel failed: {type(err).__name__}: {str(err)[-2000:]}"
     if not hasattr(torch.ops.sfnn_cpu, "block_ffn_fwd"):
         return "the CPU kernel loaded but did not register sfnn_cpu::block_ffn_fwd"
+    if torch.get_num_threads() > 1 and region_threads() == 1:
+        warnings.warn("sfnn: the CPU kernel was built without OpenMP and runs on one thread "
+                      f"of {torch.get_num_threads()}; {ENV}=0 uses the multi-threaded "
+                      "pure-PyTorch path instead", stacklevel=3)
     return None
 
 
@@ -118,6 +135,12 @@ def unavailable_reason() -> str:
     return _load() or ""
 
 
+def region_threads() -> int:
+    """How many threads one of the kernel's parallel regions runs on: ``torch.get_num_threads()``
+    when the build has OpenMP (every Linux build of a torch that uses OpenMP), 1 without it."""
+    return int(torch.ops.sfnn_cpu.region_threads())
+
+
 def _require() -> None:
     reason = _load()
     if reason is not None:
@@ -125,16 +148,15 @@ def _require() -> None:
 
 
 def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size: int,
-                  activation: str, save_for_backward: bool, deterministic: bool = True,
-                  gate_keys=None, gate_bias=None):
+                  activation: str, save_for_backward: bool, gate_keys=None, gate_bias=None):
     """``(y, saved)``: the torch backend's forward (see :mod:`sfnn.ops`) in one call.
 
     x2d: (T, d_model); keys, values: (d_ff, d_model); indices: int32 (T, top_k); key_bias:
     (d_ff,) or None; out_bias: (d_model,) or None; gates: (T, top_k) or None. y is (T, d_model)
     in x2d's dtype; saved holds the selected pre-activations (T * top_k, block_size) in block
-    order when ``save_for_backward`` (else it is empty). ``deterministic``: bitwise repeatable
-    for a given thread count (each thread owns fixed blocks); else threads take blocks as they
-    come, which keeps the speed when the OS deschedules one of them.
+    order when ``save_for_backward`` (else it is empty). Bitwise repeatable run to run for a
+    given thread count: the threads claim tasks as they come (which keeps the speed when the OS
+    deschedules one of them), but a task's blocks and accumulator are fixed.
 
     Gated FFN (PLAN.md's protocol): ``gate_keys`` (d_ff, d_model) and ``gate_bias`` (d_ff,) or
     None make ``h = act(x kg^T + gate_bias) * (x keys^T + key_bias)``; saved rows are then
@@ -143,25 +165,23 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
     _require()
     return torch.ops.sfnn_cpu.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
                                             gates, int(block_size), str(activation),
-                                            bool(save_for_backward), bool(deterministic),
-                                            gate_keys, gate_bias)
+                                            bool(save_for_backward), gate_keys, gate_bias)
 
 
 def block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved, *, block_size: int,
-                  activation: str, needs, deterministic: bool = True, gate_keys=None,
-                  gate_bias=None):
+                  activation: str, needs, gate_keys=None, gate_bias=None):
     """``(dx, dkeys, dvalues, dkey_bias, dgates)``, the torch backend's backward in one call,
     plus ``(dgate_keys, dgate_bias)`` when ``needs`` holds 7 flags (``ops.GRAD_NAMES`` of a
     gated layer); a gradient not in ``needs`` (or of an absent input) is None.
-    ``deterministic`` as in :func:`block_ffn_fwd`; ``gate_keys``/``gate_bias`` as there (then
-    ``saved`` is the gated forward's)."""
+    Repeatable as :func:`block_ffn_fwd`; ``gate_keys``/``gate_bias`` as there (then ``saved`` is
+    the gated forward's)."""
     _require()
     needs = [bool(n) for n in needs]
     if len(needs) not in (5, 7):
         raise ValueError(f"needs must hold 5 or 7 flags, got {len(needs)}")
     outs = torch.ops.sfnn_cpu.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates,
                                             saved, int(block_size), str(activation), needs,
-                                            bool(deterministic), gate_keys, gate_bias)
+                                            gate_keys, gate_bias)
     present = (True, True, True, key_bias is not None, gates is not None,
                gate_keys is not None, gate_bias is not None)[:len(needs)]
     return tuple(o if (n and p) else None for o, n, p in zip(outs, needs, present, strict=False))

@@ -145,17 +145,17 @@ def block_ffn_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y (T, d_model) in x's dtype, the selected pre-activations (T*top_k, g) in block order
     when ``save_for_backward`` (else an empty tensor), and an empty route (see
-    :func:`route_numel`). Bitwise repeatable run to run, except in the CPU kernel without
-    ``deterministic`` (its threads then take blocks as they come; with it, repeatable for a
-    given thread count). With ``gate_keys`` the gated FFN (:func:`gated_block_ffn_fwd`)."""
+    :func:`route_numel`). Bitwise repeatable run to run whatever ``deterministic`` says (the
+    protocol's flag; the CPU kernel is repeatable for a given thread count, the torch ops
+    always). With ``gate_keys`` the gated FFN (:func:`gated_block_ffn_fwd`)."""
+    del deterministic
     kernel = _cpu_kernel(x2d)
     if gate_keys is not None:  # the CPU kernel's gated variant, else the chunked torch ops
         if kernel is not None:
             y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias,
                                             gates, block_size=block_size, activation=activation,
                                             save_for_backward=save_for_backward,
-                                            deterministic=deterministic, gate_keys=gate_keys,
-                                            gate_bias=gate_bias)
+                                            gate_keys=gate_keys, gate_bias=gate_bias)
             return y, saved, indices.new_empty(0)
         return gated_block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
                                    block_size=block_size, activation=activation,
@@ -164,8 +164,7 @@ def block_ffn_fwd(
     if kernel is not None:
         y, saved = kernel.block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
                                         block_size=block_size, activation=activation,
-                                        save_for_backward=save_for_backward,
-                                        deterministic=deterministic)
+                                        save_for_backward=save_for_backward)
         return y, saved, indices.new_empty(0)
     if not save_for_backward and x2d.shape[0] <= FEW_TOKENS and x2d.device.type == "cpu":
         y = few_token_fwd(x2d, keys, values, indices, key_bias, out_bias, gates,
@@ -284,15 +283,15 @@ def block_ffn_bwd(
     accepted alone) leaves it out; pre-activations come from ``saved`` when the forward kept
     them, else they are recomputed. Only the GEMMs of the needed gradients run. With
     ``gate_keys`` the gated FFN's (:func:`gated_block_ffn_bwd`)."""
-    del route
+    del route, deterministic  # repeatable either way, as the forward
     kernel = _cpu_kernel(x2d)
     if gate_keys is not None:
         needs7 = tuple(needs) + (False,) * (7 - len(needs))
         if kernel is not None:
             return kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                         block_size=block_size, activation=activation,
-                                        needs=needs7, deterministic=deterministic,
-                                        gate_keys=gate_keys, gate_bias=gate_bias)
+                                        needs=needs7, gate_keys=gate_keys,
+                                        gate_bias=gate_bias)
         return gated_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                    block_size=block_size, activation=activation, needs=needs7,
                                    gate_keys=gate_keys, gate_bias=gate_bias)
@@ -300,7 +299,7 @@ def block_ffn_bwd(
     if kernel is not None:
         grads = kernel.block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                      block_size=block_size, activation=activation,
-                                     needs=plain_needs, deterministic=deterministic)
+                                     needs=plain_needs)
     else:
         grads = grouped_block_ffn_bwd(dy, x2d, keys, values, indices, key_bias, gates, saved,
                                       block_size=block_size, activation=activation,

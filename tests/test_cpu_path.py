@@ -21,6 +21,7 @@ import pytest
 import torch
 from _cases import make_problem
 
+import sfnn
 from sfnn import cpu_kernel, torch_path
 from sfnn.reference import block_ffn_ref
 from sfnn.testing import TOLERANCES, assert_close
@@ -325,22 +326,29 @@ def test_kernel_needs_skips_what_is_not_asked(kernel):
     assert got[3] is None and got[4] is None and got[0] is not None
 
 
-def test_kernel_without_deterministic_takes_blocks_as_they_come(kernel):
-    """deterministic=False: threads share the blocks dynamically; the results are the same up
-    to the order of a token's partial sums."""
+def test_kernel_repeats_its_bits_while_threads_claim_tasks_as_they_come(kernel):
+    """Two threads claim four tasks in whatever order they get to them, yet every output of the
+    forward and the backward (gates, dx from the tasks' accumulators) is bitwise the same on
+    every run: a task's blocks and accumulator do not depend on the thread that ran it."""
     T, d, nb, g, k = 300, 24, 12, 8, 3
     x, keys, values, indices, key_bias, out_bias, gates = _kernel_problem(
         T, d, nb, g, k, torch.float32, True, True, seed=6)
     kw = dict(block_size=g, activation="gelu")
-    outs = {}
-    for det in (True, False):
-        y, saved = kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
-                                        save_for_backward=True, deterministic=det, **kw)
-        grads = kernel.block_ffn_bwd(x, x, keys, values, indices, key_bias, gates, saved,
-                                     needs=(True,) * 5, deterministic=det, **kw)
-        outs[det] = (y, saved, *grads)
-    for a, b in zip(outs[True], outs[False], strict=True):
-        assert_close(a, b, name="deterministic vs dynamic")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        torch.set_num_threads(2)
+        for _ in range(4):
+            y, saved = kernel.block_ffn_fwd(x, keys, values, indices, key_bias, out_bias, gates,
+                                            save_for_backward=True, **kw)
+            grads = kernel.block_ffn_bwd(x, x, keys, values, indices, key_bias, gates, saved,
+                                         needs=(True,) * 5, **kw)
+            runs.append((y, saved, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_kernel_is_repeatable_and_close_across_thread_counts(kernel):
@@ -358,6 +366,53 @@ def test_kernel_is_repeatable_and_close_across_thread_counts(kernel):
     finally:
         torch.set_num_threads(threads)
     assert_close(y3, y1, name="y with 1 thread")
+
+
+def test_kernel_regions_run_on_torchs_threads(kernel):
+    """The kernel's parallel regions use torch's threads: a build without OpenMP would run ATen's
+    inline parallel_for serially, one thread of two, and lose to the pure-PyTorch path."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            assert kernel.region_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_kernel_on_two_threads_under_autograd(kernel, gated):
+    """Parameters that require grad, through the op layer, on two threads: the worker threads
+    run below autograd as the calling thread does (their dispatch state is their own), and every
+    gradient matches the reference."""
+    T, d, nb, g, k = 256, 24, 8, 8, 3  # ~96 pairs per block: the ATen GEMM path, 2 tasks
+    x, keys, values, key_bias, out_bias = make_problem(T, d, nb * g)
+    gate_keys = torch.randn(nb * g, d, generator=_gen(3)) / d ** 0.5 if gated else None
+    leaves = [t.detach().requires_grad_(True) for t in (x, keys, values, key_bias, out_bias)]
+    extra = {}
+    if gated:
+        extra["gate_keys"] = gate_keys.detach().requires_grad_(True)
+        leaves.append(extra["gate_keys"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = sfnn.sparse_ffn(leaves[0], leaves[1], leaves[2], block_size=g, top_k=k,
+                            key_bias=leaves[3], out_bias=leaves[4], activation="gelu",
+                            backend="torch", deterministic=True, **extra)
+        dy = torch.randn(y.shape, generator=_gen(4))
+        grads = torch.autograd.grad(y, leaves, dy)
+    finally:
+        torch.set_num_threads(threads)
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_extra = {"gate_keys": ref[5]} if gated else {}
+    y_ref = sfnn.sparse_ffn(ref[0], ref[1], ref[2], block_size=g, top_k=k, key_bias=ref[3],
+                            out_bias=ref[4], activation="gelu", backend="reference",
+                            **ref_extra)
+    grads_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    assert_close(y, y_ref, name="y")
+    for name, got, want in zip(("x", "keys", "values", "key_bias", "out_bias", "gate_keys"),
+                               grads, grads_ref, strict=False):
+        assert_close(got, want, name=f"d{name}")
 
 
 ONE_REGION = """
