@@ -95,8 +95,8 @@ def fresh_block_means(keys: Tensor, key_bias: Tensor | None, block_size: int,
                       backend: str) -> tuple[Tensor, Tensor | None]:
     """Block means computed now, never cached: ``kbar`` (n_blocks, d_model) and ``bbar``
     (n_blocks,) or None, float32 (float64 for float64 keys), detached."""
-    kbar, bbar = ops.block_means_op(keys.detach(), None if key_bias is None else key_bias.detach(),
-                                    block_size, backend)
+    kbar, bbar = ops.block_means(keys.detach(), None if key_bias is None else key_bias.detach(),
+                                 block_size, backend)
     return kbar, (None if key_bias is None else bbar)
 
 

@@ -255,7 +255,13 @@ void reduce_rows(T* out, const std::vector<A*>& acc, const T* out_bias, int64_t 
 
 constexpr int64_t kGemvGroup = 4;      // token rows per pass over a block's rows
 constexpr int64_t kGemvMaxRows = 8;    // blocks with more pairs go through ATen's GEMMs
-constexpr int kLanes = 8;              // independent partial sums per dot product (vectorised)
+constexpr int kLanes = 16;             // partial sums per (key row, token) dot product
+
+// Key / value rows per step for N token rows: R * N * kLanes independent partial sums (one
+// chain per dot product would wait on the FMA latency, not the loads), each x / y element
+// loaded once per R rows; fewer rows for more tokens keep the sums in registers.
+template <int N>
+constexpr int kGemvRows = N <= 2 ? 4 : 2;
 
 template <typename A>
 A activate_scalar(A a, Act act) {
@@ -264,80 +270,138 @@ A activate_scalar(A a, Act act) {
   return a / (A(1) + std::exp(-a));
 }
 
-// out[i] = k . x[i] for the N rows x[0..N), in A.
-template <int N, typename T, typename A>
-void dot_rows(const T* k, const T* const* x, int64_t d, A* out) {
-  A acc[N][kLanes] = {};
+// out[j][i] = k_j . x_i for the R key rows k_j = k + j * d and the N token rows x_i = x + i * d
+// (already in A: converting them here, once per key row, cost more than the dot products).
+template <int R, int N, typename T, typename A>
+void dot_rows(const T* k, const A* x, int64_t d, A (&out)[R][N]) {
+  A acc[R][N][kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= d; c += kLanes) {
-    A kv[kLanes];
-    for (int l = 0; l < kLanes; ++l) kv[l] = static_cast<A>(k[c + l]);
+    A xv[N][kLanes];
     for (int i = 0; i < N; ++i)
-      for (int l = 0; l < kLanes; ++l) acc[i][l] += kv[l] * static_cast<A>(x[i][c + l]);
+      for (int l = 0; l < kLanes; ++l) xv[i][l] = x[i * d + c + l];
+    for (int j = 0; j < R; ++j) {
+      A kv[kLanes];
+      for (int l = 0; l < kLanes; ++l) kv[l] = static_cast<A>(k[j * d + c + l]);
+      for (int i = 0; i < N; ++i)
+        for (int l = 0; l < kLanes; ++l) acc[j][i][l] += kv[l] * xv[i][l];
+    }
   }
-  for (int i = 0; i < N; ++i) {
-    A s = 0;
-    for (int l = 0; l < kLanes; ++l) s += acc[i][l];
-    for (int64_t cc = c; cc < d; ++cc) s += static_cast<A>(k[cc]) * static_cast<A>(x[i][cc]);
-    out[i] = s;
+  for (int j = 0; j < R; ++j) {
+    for (int i = 0; i < N; ++i) {
+      A s = 0;
+      for (int l = 0; l < kLanes; ++l) s += acc[j][i][l];
+      for (int64_t cc = c; cc < d; ++cc) {
+        s += static_cast<A>(k[j * d + cc]) * x[i * d + cc];
+      }
+      out[j][i] = s;
+    }
   }
 }
 
-// y[i] += h[i] * v for the N rows y[0..N).
-template <int N, typename T, typename A>
-void axpy_rows(A* const* y, const A* h, const T* v, int64_t d) {
+// y[i] += h[j][i] * v_j for the R value rows v_j = v + j * d, j in order, and the N rows y[i].
+template <int R, int N, typename T, typename A>
+void axpy_rows(A* const* y, const A (&h)[R][N], const T* v, int64_t d) {
   for (int64_t c = 0; c < d; ++c) {
-    const A vc = static_cast<A>(v[c]);
-    for (int i = 0; i < N; ++i) y[i][c] += h[i] * vc;
+    A vc[R];
+    for (int j = 0; j < R; ++j) vc[j] = static_cast<A>(v[j * d + c]);
+    for (int i = 0; i < N; ++i) {
+      A s = y[i][c];
+      for (int j = 0; j < R; ++j) s += h[j][i] * vc[j];
+      y[i][c] = s;
+    }
+  }
+}
+
+// How far ahead of its use a decoded block's rows are prefetched.
+constexpr int64_t kPrefetchBytes = 8 * 1024;
+
+// Prefetch rows [r0, r0 + n) of each table (row length d; a null table is skipped).
+template <typename T>
+void prefetch_rows(const T* const (&tables)[3], int64_t r0, int64_t n, int64_t d) {
+  const int64_t bytes = n * d * static_cast<int64_t>(sizeof(T));
+  for (const T* t : tables) {
+    if (t == nullptr) continue;
+    const char* p = reinterpret_cast<const char*>(t + r0 * d);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  }
+}
+
+// Rows [r, r + R) of block b for the N token rows: h[j][i] = gate_i * act(x_i . k + bias), or
+// gated gate_i * act(x_i . kg + bg) (x_i . k + bias), rounded through T as the GEMM path's
+// activations are; saved rows (if any) get the pre-activations in T ([A_gate | A_up] gated).
+template <int R, int N, typename T, typename A>
+void block_gemv_rows(A (&h)[R][N], const A* xr, const A* gate, const T* keys,
+                     const T* key_bias, const T* gate_keys, const T* gate_bias, int64_t d,
+                     int64_t g, int64_t row, int64_t r, Act act, T* saved) {
+  A pre[R][N];
+  dot_rows<R, N, T, A>(keys + row * d, xr, d, pre);
+  if (gate_keys != nullptr) {
+    A pre_g[R][N];
+    dot_rows<R, N, T, A>(gate_keys + row * d, xr, d, pre_g);
+    for (int j = 0; j < R; ++j) {
+      const A bias = key_bias != nullptr ? static_cast<A>(key_bias[row + j]) : A(0);
+      const A gbias = gate_bias != nullptr ? static_cast<A>(gate_bias[row + j]) : A(0);
+      for (int i = 0; i < N; ++i) {
+        const T pg = static_cast<T>(pre_g[j][i] + gbias), pu = static_cast<T>(pre[j][i] + bias);
+        if (saved != nullptr) {
+          saved[i * 2 * g + r + j] = pg;
+          saved[i * 2 * g + g + r + j] = pu;
+        }
+        const T a = static_cast<T>(activate_scalar<A>(static_cast<A>(pg), act));
+        h[j][i] = gate[i] * static_cast<A>(static_cast<T>(static_cast<A>(a) * static_cast<A>(pu)));
+      }
+    }
+    return;
+  }
+  for (int j = 0; j < R; ++j) {
+    const A bias = key_bias != nullptr ? static_cast<A>(key_bias[row + j]) : A(0);
+    for (int i = 0; i < N; ++i) {
+      const T p = static_cast<T>(pre[j][i] + bias);
+      if (saved != nullptr) saved[i * g + r + j] = p;
+      h[j][i] = gate[i] * activate_scalar<A>(static_cast<A>(p), act);
+    }
   }
 }
 
 // Block b for the N (<= kGemvGroup) pairs `pairs`: acc[token] += gate * act(x . k + bias) v,
 // or for a gated FFN (gate_keys given) acc[token] += gate * act(x . kg + bg) (x . k + bias) v;
 // saved rows (if any) get the pre-activations in the input dtype ([A_gate | A_up] when gated).
+// Each key row's h is added with its value row right after: one pass over the block's rows.
 template <int N, typename T, typename A>
 void block_gemv(A* acc, const T* x, const T* keys, const T* values, const T* key_bias,
                 const T* gate_keys, const T* gate_bias, const A* gates, const int64_t* pairs,
                 int64_t top_k, int64_t d, int64_t g, int64_t b, Act act, T* saved) {
-  const T* xr[N];
+  std::vector<A> xr(static_cast<size_t>(N * d));  // the N token rows, converted to A
   A* yr[N];
   A gate[N];
   for (int i = 0; i < N; ++i) {
     const int64_t t = pairs[i] / top_k;
-    xr[i] = x + t * d;
+    for (int64_t c = 0; c < d; ++c) xr[static_cast<size_t>(i * d + c)] = static_cast<A>(x[t * d + c]);
     yr[i] = acc + t * d;
     gate[i] = gates != nullptr ? gates[pairs[i]] : A(1);
   }
-  const int64_t sw = gate_keys != nullptr ? 2 * g : g;  // saved row width
-  std::vector<A> h(static_cast<size_t>(N * g));
-  for (int64_t r = 0; r < g; ++r) {
-    A pre[N];
-    dot_rows<N, T, A>(keys + (b * g + r) * d, xr, d, pre);
-    const A bias = key_bias != nullptr ? static_cast<A>(key_bias[b * g + r]) : A(0);
-    if (gate_keys != nullptr) {
-      A pre_g[N];
-      dot_rows<N, T, A>(gate_keys + (b * g + r) * d, xr, d, pre_g);
-      const A gbias = gate_bias != nullptr ? static_cast<A>(gate_bias[b * g + r]) : A(0);
-      for (int i = 0; i < N; ++i) {
-        const T pg = static_cast<T>(pre_g[i] + gbias), pu = static_cast<T>(pre[i] + bias);
-        if (saved != nullptr) {
-          saved[i * sw + r] = pg;
-          saved[i * sw + g + r] = pu;
-        }
-        const T a = static_cast<T>(activate_scalar<A>(static_cast<A>(pg), act));
-        h[static_cast<size_t>(r * N + i)] =
-            gate[i] * static_cast<A>(static_cast<T>(static_cast<A>(a) * static_cast<A>(pu)));
-      }
-      continue;
-    }
-    for (int i = 0; i < N; ++i) {
-      const T p = static_cast<T>(pre[i] + bias);
-      if (saved != nullptr) saved[i * sw + r] = p;
-      h[static_cast<size_t>(r * N + i)] = gate[i] * activate_scalar<A>(static_cast<A>(p), act);
-    }
+  constexpr int R = kGemvRows<N>;
+  // Decoding reads the block's rows from memory once: prefetch them ahead, since the hardware
+  // prefetchers stop at each 4 KiB page (a step of R rows is a page or more at d_model >= 512).
+  const int64_t ahead = std::max<int64_t>(R, (kPrefetchBytes + d * int64_t{sizeof(T)} - 1) /
+                                                 (d * int64_t{sizeof(T)}));
+  const T* tables[3] = {keys + b * g * d, values + b * g * d,
+                        gate_keys != nullptr ? gate_keys + b * g * d : nullptr};
+  prefetch_rows(tables, 0, std::min(ahead, g), d);
+  int64_t r = 0;
+  for (; r + R <= g; r += R) {
+    if (r + ahead < g) prefetch_rows(tables, r + ahead, std::min<int64_t>(R, g - r - ahead), d);
+    A h[R][N];
+    block_gemv_rows<R, N, T, A>(h, xr.data(), gate, keys, key_bias, gate_keys, gate_bias, d, g,
+                                b * g + r, r, act, saved);
+    axpy_rows<R, N, T, A>(yr, h, values + (b * g + r) * d, d);
   }
-  for (int64_t r = 0; r < g; ++r) {
-    axpy_rows<N, T, A>(yr, h.data() + r * N, values + (b * g + r) * d, d);
+  for (; r < g; ++r) {
+    A h[1][N];
+    block_gemv_rows<1, N, T, A>(h, xr.data(), gate, keys, key_bias, gate_keys, gate_bias, d, g,
+                                b * g + r, r, act, saved);
+    axpy_rows<1, N, T, A>(yr, h, values + (b * g + r) * d, d);
   }
 }
 

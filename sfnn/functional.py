@@ -342,10 +342,10 @@ def block_ffn(x: Tensor, keys: Tensor, values: Tensor, indices: Tensor, *, block
         else:
             be = ops.resolve_backend(backend, x.device, x2d.shape[0], kernel_grad, x2d.dtype,
                                      gated=gated)
-            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
-                                         t["out_bias"], gates2d, block_size, activation, be,
-                                         _deterministic(deterministic), kernel_grad,
-                                         t["gate_keys"], t["gate_bias"])
+            y2d, _, _ = ops.block_ffn(x2d, t["keys"], t["values"], idx2d, t["key_bias"],
+                                      t["out_bias"], gates2d, block_size, activation, be,
+                                      _deterministic(deterministic), kernel_grad,
+                                      t["gate_keys"], t["gate_bias"])
     return y2d.reshape(x.shape[:-1] + (d_model,))
 
 
@@ -577,10 +577,10 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
                                           t["key_bias"], t["out_bias"], sel.gates, block_size,
                                           activation, t["gate_keys"], t["gate_bias"])
         else:
-            y2d, _, _ = ops.block_ffn_op(x2d, t["keys"], t["values"], sel.indices, t["key_bias"],
-                                         t["out_bias"], sel.gates, block_size, activation, be,
-                                         _deterministic(deterministic), kernel_grad,
-                                         t["gate_keys"], t["gate_bias"])
+            y2d, _, _ = ops.block_ffn(x2d, t["keys"], t["values"], sel.indices, t["key_bias"],
+                                      t["out_bias"], sel.gates, block_size, activation, be,
+                                      _deterministic(deterministic), kernel_grad,
+                                      t["gate_keys"], t["gate_bias"])
     y = y2d.reshape(lead + (d_model,))
     if not return_selection:
         return y

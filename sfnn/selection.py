@@ -101,7 +101,7 @@ def _router_indices(x2d: Tensor, router_weight: Tensor, logits: Tensor, top_k: i
     if backend == "torch" or route is not None:
         return topk_of_scores(logits.detach(), top_k)
     w = router_weight.detach().to(torch.float32).contiguous()
-    return ops.select_blocks_op(x2d.detach().contiguous(), w, None, top_k, backend)
+    return ops.select_blocks(x2d.detach().contiguous(), w, None, top_k, backend)
 
 
 def balance_loss(probs: Tensor, indices: Tensor, n_blocks: int) -> Tensor:
@@ -319,7 +319,7 @@ def avgk_indices(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int, bac
         return reference.select_blocks_ref(x2d, kbar, bbar, top_k)
     if route == "composite":
         return torch_path.select_blocks(x2d, kbar, bbar, top_k)
-    return ops.select_blocks_op(x2d, kbar, bbar, top_k, backend)
+    return ops.select_blocks(x2d, kbar, bbar, top_k, backend)
 
 
 # --------------------------------------------------------------------------- usage

@@ -309,3 +309,82 @@ def test_only_out_bias_gradient_runs_no_backward_kernel(monkeypatch):
     y.backward(dy)
     assert fwd_saves == [False] and bwd_calls == []
     assert_close(ob.grad, dy.sum(0), name="dout_bias")
+
+
+# the eager fast path: a registered op's body without the dispatcher where nothing needs it -----
+
+def _spy_ops(monkeypatch):
+    """Record which door each forward op went through: "op" (the registered op) or "body"."""
+    seen = []
+    for name in ("block_means", "select_blocks", "block_ffn"):
+        op, body = getattr(ops, f"{name}_op"), getattr(ops, f"_{name}")
+
+        def spy(*a, _op=op, _name=name, **k):
+            seen.append((_name, "op"))
+            return _op(*a, **k)
+
+        def spy_body(*a, _body=body, _name=name, **k):
+            seen.append((_name, "body"))
+            return _body(*a, **k)
+
+        monkeypatch.setattr(ops, f"{name}_op", spy)
+        monkeypatch.setattr(ops, f"_{name}", spy_body)
+    return seen
+
+
+def test_inference_calls_run_the_ops_bodies_with_the_same_bits(monkeypatch):
+    """No gradient recorded (no_grad, or nothing requires grad): every forward op runs as its
+    body, for a layer's nn.Parameters too, with the registered op's result bit for bit."""
+    ffn = sfnn.SparseFFN(24, 96, block_size=8, top_k=3, activation="gelu", backend="torch")
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        want = ffn(x)
+    seen = _spy_ops(monkeypatch)
+    with torch.no_grad():
+        got = ffn(x)
+    assert torch.equal(got, want)
+    assert seen and {door for _, door in seen} == {"body"}, seen
+    seen.clear()
+    keys, values = ffn.key_weight.detach(), ffn.value_weight.detach()
+    got = sfnn.sparse_ffn(x, keys, values, block_size=8, top_k=3, activation="gelu",
+                          key_bias=ffn.key_bias.detach(), out_bias=ffn.out_bias.detach(),
+                          backend="torch")
+    assert torch.equal(got, want)
+    assert {door for _, door in seen} == {"body"}, seen
+
+
+def test_calls_that_need_the_dispatcher_go_through_the_registered_ops(monkeypatch):
+    """A gradient to record, a dispatch mode that must see sfnn's ops, or a tensor subclass:
+    the registered op runs (selection, which records nothing, still runs as its body while
+    only autograd is involved)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ffn = sfnn.SparseFFN(24, 96, block_size=8, top_k=3, backend="torch")
+    x = torch.randn(5, 24)
+    seen = _spy_ops(monkeypatch)
+    ffn(x).sum().backward()
+    assert ("block_ffn", "op") in seen and ("block_ffn", "body") not in seen, seen
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    seen.clear()
+    with torch.no_grad(), Names() as mode:
+        ffn(x)
+    assert {door for _, door in seen} == {"op"}, seen
+    assert any(n.startswith("sfnn.block_ffn") for n in mode.names), mode.names
+
+    class Tagged(torch.Tensor):
+        pass
+
+    seen.clear()
+    with torch.no_grad():
+        sfnn.sparse_ffn(x.as_subclass(Tagged), ffn.key_weight, ffn.value_weight, block_size=8,
+                        top_k=3, backend="torch")
+    assert ("block_ffn", "op") in seen and ("block_ffn", "body") not in seen, seen
