@@ -6,12 +6,12 @@
 // OpenMP parallel region with a barrier; on a machine shared with another busy process every
 // barrier waits for a descheduled thread, and the path collapses (issue 12). Here the
 // (token, slot) pairs are grouped by block once (a counting sort, stable: the same block order
-// as the torch path), the blocks are split into contiguous ranges of about equal work, two
-// tasks per thread, and each task runs its blocks alone: gather the tokens' rows, GEMM with the
+// as the torch path), the blocks are split into contiguous ranges of about equal work, one
+// task per thread, and each task runs its blocks alone: gather the tokens' rows, GEMM with the
 // block's key rows, activation, GEMM with its value rows, add into the task's own fp32 (fp64
 // for fp64) output rows. The GEMMs and activations are ATen ops called inside the parallel
 // region, where ATen and MKL run them on the calling thread. Threads claim tasks as they come
-// (a thread the OS deschedules on a busy machine leaves its unclaimed tasks to the others);
+// (a thread the OS deschedules before it claims one leaves its task to the others);
 // a second region sums the tasks' partial outputs in task order. A task's blocks and
 // accumulator do not depend on which thread ran it, so the results are bitwise repeatable run
 // to run for a given thread count.
@@ -98,9 +98,10 @@ class WorkerScope {
 constexpr int64_t kAccBudgetBytes = int64_t{512} << 20;
 // A block's fixed cost in units of one token row, for balancing the tasks' work.
 constexpr int64_t kBlockOverheadRows = 8;
-// Tasks per thread: more balance a thread that is descheduled, but each is one more (T, d_model)
-// accumulator to zero and sum.
-constexpr int64_t kTasksPerThread = 2;
+// Tasks per thread. More would balance a descheduled thread at a finer grain, but each is one
+// more (T, d_model) accumulator to zero and sum: at the acceptance shape two per thread were 6%
+// slower idle and no faster with one busy process beside them (side by side, one process).
+constexpr int64_t kTasksPerThread = 1;
 
 enum class Act { kRelu, kGelu, kSilu };
 
@@ -156,16 +157,20 @@ Routing route(const at::Tensor& indices, int64_t n_blocks) {
 
 // tasks + 1 block boundaries: contiguous block ranges of about equal work (pairs + overhead).
 std::vector<int64_t> partition(const Routing& r, int64_t n_blocks, int64_t tasks) {
-  const int64_t total = r.offset[n_blocks] + kBlockOverheadRows * n_blocks;
+  // A block nobody chose costs next to nothing (a backward zeroes its gradient rows): counting
+  // the overhead for it too would split a decode step's few chosen blocks unevenly.
+  auto cost_of = [&](int64_t b) {
+    const int64_t n = r.offset[b + 1] - r.offset[b];
+    return n > 0 ? n + kBlockOverheadRows : int64_t{1};
+  };
+  int64_t total = 0;
+  for (int64_t b = 0; b < n_blocks; ++b) total += cost_of(b);
   std::vector<int64_t> bounds(static_cast<size_t>(tasks + 1), n_blocks);
   bounds[0] = 0;
   int64_t b = 0, cost = 0;
   for (int64_t i = 1; i < tasks; ++i) {
     const int64_t target = total * i / tasks;
-    while (b < n_blocks && cost + (r.offset[b + 1] - r.offset[b] + kBlockOverheadRows) <= target) {
-      cost += r.offset[b + 1] - r.offset[b] + kBlockOverheadRows;
-      ++b;
-    }
+    while (b < n_blocks && cost + cost_of(b) <= target) cost += cost_of(b++);
     bounds[i] = b;
   }
   return bounds;

@@ -155,8 +155,9 @@ def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, bloc
     (d_ff,) or None; out_bias: (d_model,) or None; gates: (T, top_k) or None. y is (T, d_model)
     in x2d's dtype; saved holds the selected pre-activations (T * top_k, block_size) in block
     order when ``save_for_backward`` (else it is empty). Bitwise repeatable run to run for a
-    given thread count: the threads claim tasks as they come (which keeps the speed when the OS
-    deschedules one of them), but a task's blocks and accumulator are fixed.
+    given thread count: the threads claim tasks as they come (a thread the OS deschedules
+    before it claims one leaves its task to the others), but a task's blocks and accumulator
+    are fixed.
 
     Gated FFN (PLAN.md's protocol): ``gate_keys`` (d_ff, d_model) and ``gate_bias`` (d_ff,) or
     None make ``h = act(x kg^T + gate_bias) * (x keys^T + key_bias)``; saved rows are then

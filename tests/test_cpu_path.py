@@ -327,7 +327,7 @@ def test_kernel_needs_skips_what_is_not_asked(kernel):
 
 
 def test_kernel_repeats_its_bits_while_threads_claim_tasks_as_they_come(kernel):
-    """Two threads claim four tasks in whatever order they get to them, yet every output of the
+    """Two threads claim the tasks in whatever order they get to them, yet every output of the
     forward and the backward (gates, dx from the tasks' accumulators) is bitwise the same on
     every run: a task's blocks and accumulator do not depend on the thread that ran it."""
     T, d, nb, g, k = 300, 24, 12, 8, 3
