@@ -1034,6 +1034,45 @@ cudaError_t check_tags(int dtype, int kbar_dtype, int activation) {
   return cudaSuccess;
 }
 
+// The fields every entry point fills alike: the tokens, the indices (read in ffn mode, written
+// by K otherwise) and the sizes (block_size 0 where no F runs).
+Params call_params(const void* x, int64_t x_stride, int32_t* idx, int64_t idx_stride, int64_t T,
+                   int64_t n_blocks, int64_t d_model, int64_t top_k, int64_t block_size) {
+  Params p{};
+  p.x = x;
+  p.x_stride = x_stride;
+  p.idx = idx;
+  p.idx_stride = idx_stride;
+  p.T = T;
+  p.n_blocks = n_blocks;
+  p.d_model = d_model;
+  p.top_k = top_k;
+  p.block_size = block_size;
+  return p;
+}
+
+// S and K's inputs: the block means (their dtype is the launch's kbar_dtype) and mean biases.
+void set_scores(Params& p, const void* kbar, int64_t kbar_stride, const float* bbar) {
+  p.kbar = kbar;
+  p.kbar_stride = kbar_stride;
+  p.bbar = bbar;
+}
+
+// F and C's inputs and output: the tables, their biases, y and the activation.
+void set_ffn(Params& p, const void* keys, int64_t k_stride, const void* values, int64_t v_stride,
+             const void* key_bias, const void* out_bias, void* y, int64_t y_stride,
+             int activation) {
+  p.keys = keys;
+  p.k_stride = k_stride;
+  p.values = values;
+  p.v_stride = v_stride;
+  p.key_bias = key_bias;
+  p.out_bias = out_bias;
+  p.y = y;
+  p.y_stride = y_stride;
+  p.act = activation;
+}
+
 }  // namespace
 
 const char* sfnn_decode_last_error(void) { return g_error; }
@@ -1059,18 +1098,8 @@ cudaError_t sfnn_decode_select(const void* x, int x_dtype, int64_t x_stride, con
   if (x == nullptr || kbar == nullptr || out == nullptr) {
     return fail("x, kbar and out must not be null");
   }
-  Params prm{};
-  prm.x = x;
-  prm.x_stride = x_stride;
-  prm.kbar = kbar;
-  prm.kbar_stride = kbar_stride;
-  prm.bbar = bbar;
-  prm.idx = out;
-  prm.idx_stride = out_stride;
-  prm.T = T;
-  prm.n_blocks = n_blocks;
-  prm.d_model = d_model;
-  prm.top_k = top_k;
+  Params prm = call_params(x, x_stride, out, out_stride, T, n_blocks, d_model, top_k, 0);
+  set_scores(prm, kbar, kbar_stride, bbar);
   const bool vec = select_vec_ok(x, x_stride, kbar, kbar_stride);
   return run(prm, plan, x_dtype, kbar_dtype, vec, workspace, workspace_bytes, stream);
 }
@@ -1101,30 +1130,15 @@ cudaError_t sfnn_decode_ffn_gated(
     return fail("x, keys, values, indices and y must not be null");
   }
   if (gate_keys == nullptr && gate_bias != nullptr) return fail("gate_bias without gate_keys");
-  Params prm{};
-  prm.x = x;
-  prm.x_stride = x_stride;
-  prm.keys = keys;
-  prm.k_stride = k_stride;
-  prm.values = values;
-  prm.v_stride = v_stride;
-  prm.key_bias = key_bias;
+  // indices are read only: ffn mode has no K phase
+  Params prm = call_params(x, x_stride, const_cast<int32_t*>(indices), idx_stride, T, n_blocks,
+                           d_model, top_k, block_size);
+  set_ffn(prm, keys, k_stride, values, v_stride, key_bias, out_bias, y, y_stride, activation);
   prm.gate_keys = gate_keys;
   prm.gk_stride = gk_stride;
   prm.gate_bias = gate_bias;
-  prm.out_bias = out_bias;
   prm.gates = gates;
   prm.gate_stride = gate_stride;
-  prm.idx = const_cast<int32_t*>(indices);  // read only: ffn mode has no K phase
-  prm.idx_stride = idx_stride;
-  prm.y = y;
-  prm.y_stride = y_stride;
-  prm.act = activation;
-  prm.T = T;
-  prm.n_blocks = n_blocks;
-  prm.d_model = d_model;
-  prm.top_k = top_k;
-  prm.block_size = block_size;
   const bool vec = ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype) &&
                    (gate_keys == nullptr ||
                     ffn_vec_ok(x, x_stride, gate_keys, gk_stride, values, v_stride, dtype));
@@ -1171,28 +1185,10 @@ cudaError_t sfnn_decode_step(const void* x, int64_t x_stride, const void* kbar, 
       indices == nullptr || y == nullptr) {
     return fail("x, kbar, keys, values, indices and y must not be null");
   }
-  Params prm{};
-  prm.x = x;
-  prm.x_stride = x_stride;
-  prm.kbar = kbar;
-  prm.kbar_stride = kbar_stride;
-  prm.bbar = bbar;
-  prm.keys = keys;
-  prm.k_stride = k_stride;
-  prm.values = values;
-  prm.v_stride = v_stride;
-  prm.key_bias = key_bias;
-  prm.out_bias = out_bias;
-  prm.idx = indices;
-  prm.idx_stride = idx_stride;
-  prm.y = y;
-  prm.y_stride = y_stride;
-  prm.act = activation;
-  prm.T = T;
-  prm.n_blocks = n_blocks;
-  prm.d_model = d_model;
-  prm.top_k = top_k;
-  prm.block_size = block_size;
+  Params prm =
+      call_params(x, x_stride, indices, idx_stride, T, n_blocks, d_model, top_k, block_size);
+  set_scores(prm, kbar, kbar_stride, bbar);
+  set_ffn(prm, keys, k_stride, values, v_stride, key_bias, out_bias, y, y_stride, activation);
   const bool vec = select_vec_ok(x, x_stride, kbar, kbar_stride) &&
                    ffn_vec_ok(x, x_stride, keys, k_stride, values, v_stride, dtype);
   return run(prm, plan, dtype, kbar_dtype, vec, workspace, workspace_bytes, stream);

@@ -64,20 +64,28 @@ def _cflags() -> list[str]:
 def _openmp_flags() -> list[str]:
     """-fopenmp where torch runs on OpenMP (its Linux wheels, with libgomp): ``at::parallel_for``
     is inline in ATen's headers and runs its range serially in a translation unit compiled
-    without OpenMP, which would make the kernel's "one parallel region" one thread. Linking it
-    adds libgomp.so.1, the soname torch's own libgomp already has, so the loader reuses torch's
-    runtime rather than starting a second thread pool. Elsewhere (macOS clang, a torch without
-    OpenMP) none: the kernel then runs on one thread."""
+    without OpenMP, which would make the kernel's "one parallel region" one thread. Elsewhere
+    (macOS clang, a torch without OpenMP) none: the kernel then runs on one thread."""
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         return ["-fopenmp"]
     return []
+
+
+def _openmp_ldflags() -> list[str]:
+    """Link the OpenMP runtime torch itself loaded: the libgomp that its wheels carry in
+    ``torch/lib`` (named by path, whatever its soname: older wheels renamed it), so the loader
+    reuses torch's thread pool instead of starting a second runtime; else the compiler's."""
+    if not _openmp_flags():
+        return []
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return [str(bundled[0])] if bundled else ["-fopenmp"]
 
 
 def _name() -> str:
     """The build's name: changes with the source, torch, Python, the flags and the CPU, so a
     stale or foreign build is never loaded."""
     key = (SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()
-           + " ".join(_cflags()).encode() + _cpu_identity().encode())
+           + " ".join(_cflags() + _openmp_ldflags()).encode() + _cpu_identity().encode())
     return "sfnn_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -108,7 +116,7 @@ def _load() -> str | None:
                       f"minute; {ENV}=0 skips it)", stacklevel=3)
     try:
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=_cflags(),
-                           extra_ldflags=_openmp_flags(),
+                           extra_ldflags=_openmp_ldflags(),
                            is_python_module=False, verbose=False)
     except Exception as err:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"building the CPU kernel failed: {type(err).__name__}: {str(err)[-2000:]}"

@@ -380,6 +380,15 @@ def test_kernel_regions_run_on_torchs_threads(kernel):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_kernel_shares_torchs_openmp_runtime(kernel):
+    """One OpenMP runtime in the process, torch's: a second libgomp would bring its own thread
+    pool, and the kernel's regions would compete with torch's for the cores."""
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_kernel_on_two_threads_under_autograd(kernel, gated):
     """Parameters that require grad, through the op layer, on two threads: the worker threads
