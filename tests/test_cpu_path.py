@@ -12,6 +12,7 @@ The kernel is built on first use (about a minute of CPU, then cached by torch).
 """
 from __future__ import annotations
 
+import ast
 import itertools
 import os
 import subprocess
@@ -382,10 +383,15 @@ def test_kernel_regions_run_on_torchs_threads(kernel):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_kernel_shares_torchs_openmp_runtime(kernel):
-    """One OpenMP runtime in the process, torch's: a second libgomp would bring its own thread
-    pool, and the kernel's regions would compete with torch's for the cores."""
-    with open("/proc/self/maps") as f:
-        runtimes = {line.split()[-1] for line in f if "libgomp" in line}
+    """One OpenMP runtime in a process that loads torch and the kernel, torch's: a second
+    libgomp would bring its own thread pool, and the kernel's regions would compete with
+    torch's for the cores. (A fresh process: other packages, scikit-learn for one, bring their
+    own libgomp.)"""
+    code = ("import torch\nfrom sfnn import cpu_kernel\nassert cpu_kernel.available()\n"
+            "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    runtimes = ast.literal_eval(out.stdout)
     assert len(runtimes) == 1, runtimes
 
 
