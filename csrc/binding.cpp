@@ -69,12 +69,13 @@ int dtype_tag(const at::Tensor& t, const char* op, const char* name) {
   return -1;
 }
 
-int activation_tag(const std::string& activation) {
+int activation_tag(c10::string_view activation_in, const char* op) {
+  const std::string activation(activation_in.data(), activation_in.size());
   if (activation == "relu") return SFNN_ACT_RELU;
   if (activation == "gelu") return SFNN_ACT_GELU;
   if (activation == "silu") return SFNN_ACT_SILU;
-  TORCH_CHECK(false, "sfnn::decode_ffn: activation must be one of 'relu', 'gelu', 'silu', got '",
-              activation, "'");
+  TORCH_CHECK(false, op, ": activation must be one of 'relu', 'gelu', 'silu', got '", activation,
+              "'");
   return -1;
 }
 
@@ -90,6 +91,12 @@ at::Tensor rows_view(const at::Tensor& t, const char* op, const char* name) {
   if (t.size(1) > 1 && t.stride(1) != 1) return t.contiguous();
   if (t.size(0) > 1 && t.stride(0) < t.size(1)) return t.contiguous();
   return t;
+}
+
+// A decode op's tokens: a CUDA tensor, as (T, d_model) rows (rows_view).
+at::Tensor token_rows(const at::Tensor& x_in, const char* op) {
+  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
+  return rows_view(x_in, op, "x");
 }
 
 // A single row's stride is never multiplied by a nonzero row index: report 0, which keeps the
@@ -138,8 +145,7 @@ at::Tensor bbar_vector(const std::optional<at::Tensor>& bbar_in, const at::Tenso
 at::Tensor decode_select(const at::Tensor& x_in, const at::Tensor& kbar_in,
                          const std::optional<at::Tensor>& bbar_in, int64_t top_k) {
   constexpr const char* op = "sfnn::decode_select";
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
-  const at::Tensor x = rows_view(x_in, op, "x");
+  const at::Tensor x = token_rows(x_in, op);
   const int x_dtype = dtype_tag(x, op, "x");
   const int64_t T = x.size(0);
   const int64_t d_model = x.size(1);
@@ -204,10 +210,9 @@ at::Tensor decode_ffn(const at::Tensor& x_in, const at::Tensor& keys_in,
                       const std::optional<at::Tensor>& gate_keys_in,
                       const std::optional<at::Tensor>& gate_bias_in) {
   constexpr const char* op = "sfnn::decode_ffn";
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
-  const at::Tensor x = rows_view(x_in, op, "x");
+  const at::Tensor x = token_rows(x_in, op);
   const int dtype = dtype_tag(x, op, "x");
-  const int act = activation_tag(std::string(activation.data(), activation.size()));
+  const int act = activation_tag(activation, op);
   const int64_t T = x.size(0);
   const int64_t d_model = x.size(1);
   const auto [keys, values] = ffn_tables(keys_in, values_in, x, op);
@@ -278,10 +283,9 @@ std::tuple<at::Tensor, at::Tensor> decode_step(
     const std::optional<at::Tensor>& key_bias_in, const std::optional<at::Tensor>& out_bias_in,
     int64_t top_k, int64_t block_size, c10::string_view activation) {
   constexpr const char* op = "sfnn::decode_step";
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
-  const at::Tensor x = rows_view(x_in, op, "x");
+  const at::Tensor x = token_rows(x_in, op);
   const int dtype = dtype_tag(x, op, "x");
-  const int act = activation_tag(std::string(activation.data(), activation.size()));
+  const int act = activation_tag(activation, op);
   const int64_t T = x.size(0);
   const int64_t d_model = x.size(1);
   TORCH_CHECK(d_model >= 1, op, ": d_model must be >= 1, got x of shape ", x.sizes());

@@ -255,6 +255,24 @@ void reduce_rows(T* out, const std::vector<A*>& acc, const T* out_bias, int64_t 
   }
 }
 
+// out = the tasks' accumulators summed in task order (+ out_bias if defined), in a parallel
+// region over token rows; out may be acc[0] itself (task_accumulators).
+void sum_accumulators(at::Tensor& out, const std::vector<at::Tensor>& acc,
+                      const at::Tensor& out_bias) {
+  const int64_t T = out.size(0), d = out.size(1);
+  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
+                   [&](int64_t t0, int64_t t1) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "sfnn_sum", [&] {
+      using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      std::vector<A*> parts;
+      for (const auto& a : acc) parts.push_back(a.data_ptr<A>());
+      reduce_rows<scalar_t, A>(out.data_ptr<scalar_t>(), parts,
+                               out_bias.defined() ? out_bias.data_ptr<scalar_t>() : nullptr, t0,
+                               t1, d);
+    });
+  });
+}
+
 // ---- blocks chosen by a few tokens (decoding): fused loops instead of ATen's small GEMMs, so
 // a block costs one pass over its key rows and one over its value rows and nothing else.
 
@@ -571,17 +589,7 @@ std::tuple<at::Tensor, at::Tensor> block_ffn_fwd(
     }
   });
 
-  at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
-                   [&](int64_t t0, int64_t t1) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_sum", [&] {
-      using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      std::vector<A*> parts;
-      for (auto& a : acc) parts.push_back(a.data_ptr<A>());
-      reduce_rows<scalar_t, A>(y.data_ptr<scalar_t>(), parts,
-                               out_bias.defined() ? out_bias.data_ptr<scalar_t>() : nullptr, t0,
-                               t1, d);
-    });
-  });
+  sum_accumulators(y, acc, out_bias);
   return {y, saved};
 }
 
@@ -807,17 +815,7 @@ Grads block_ffn_bwd(
     }
   });
 
-  if (need_dx) {
-    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
-                     [&](int64_t t0, int64_t t1) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sfnn_sum", [&] {
-        using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        std::vector<A*> parts;
-        for (auto& a : acc) parts.push_back(a.data_ptr<A>());
-        reduce_rows<scalar_t, A>(dx.data_ptr<scalar_t>(), parts, nullptr, t0, t1, d);
-      });
-    });
-  }
+  if (need_dx) sum_accumulators(dx, acc, at::Tensor());
   return {dx, dkeys, dvalues, dkey_bias, dgates, dgate_keys, dgate_bias};
 }
 

@@ -111,16 +111,23 @@ def select_blocks(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int) ->
     return (n_blocks - 1 - (best & 0xFFFFFFFF)).to(torch.int32)
 
 
+def _sort_pairs(indices: Tensor, n_blocks: int) -> tuple[Tensor, Tensor]:
+    """``(counts (n_blocks,), pairs (T * top_k,))``: how many (token, slot) pairs chose each
+    block, and the pairs ``p = t * top_k + j`` in block order (a stable sort, int64). Raises
+    ValueError for an index outside ``[0, n_blocks)``."""
+    flat = indices.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=n_blocks)
+    if counts.numel() != n_blocks or (flat.numel() and int(flat.min()) < 0):
+        raise ValueError(f"indices must lie in [0, {n_blocks}); got values outside it")
+    return counts, torch.argsort(flat, stable=True)
+
+
 class _Routing:
     """The (token, slot) pairs grouped by block: pair ``p = t * top_k + j`` in block order."""
 
     def __init__(self, indices: Tensor, n_blocks: int):
-        T, top_k = indices.shape
-        flat = indices.reshape(-1).long()
-        counts = torch.bincount(flat, minlength=n_blocks)
-        if counts.numel() != n_blocks or (flat.numel() and int(flat.min()) < 0):
-            raise ValueError(f"indices must lie in [0, {n_blocks}); got values outside it")
-        self.pairs = torch.argsort(flat, stable=True)  # [T * top_k], int64
+        top_k = indices.shape[1]
+        counts, self.pairs = _sort_pairs(indices, n_blocks)  # pairs: [T * top_k], int64
         self.tokens = self.pairs // top_k
         ends = counts.cumsum(0).tolist()  # the CPU path loops over blocks on the host anyway
         starts = [0] + ends[:-1]
@@ -387,13 +394,9 @@ class _Chunks:
 
     def __init__(self, indices: Tensor, n_blocks: int):
         T, top_k = indices.shape
-        flat = indices.reshape(-1).long()
-        counts = torch.bincount(flat, minlength=n_blocks)
-        if counts.numel() != n_blocks or (flat.numel() and int(flat.min()) < 0):
-            raise ValueError(f"indices must lie in [0, {n_blocks}); got values outside it")
         dev = indices.device
-        self.pairs = torch.argsort(flat, stable=True)  # [P]
-        P = flat.numel()
+        counts, self.pairs = _sort_pairs(indices, n_blocks)  # pairs: [P]
+        P = indices.numel()
         C = max(1, min(GATED_CHUNK, int(counts.max())))
         n_chunk = (counts + C - 1) // C  # chunks per block
         self.block = torch.repeat_interleave(torch.arange(n_blocks, device=dev), n_chunk)

@@ -174,8 +174,9 @@ def test_gpt2_conv1d_tables_are_transposed_correctly():
     torch.testing.assert_close(model.h[0].mlp(x), mlp(x), atol=1e-5, rtol=1e-5)
 
 
-def test_gpt2_generate_unchanged_at_full_density():
-    dense = tiny_gpt2(head=True)
+def _check_generate(dense) -> None:
+    """Greedy ``generate`` is unchanged after a full-density conversion, and runs (decoding one
+    token at a time through the sparse FFNs) after a sparse one."""
     model = copy.deepcopy(dense)
     sfnn.convert(model, block_size=8, density=1.0, progress=False)
     prompt = ids(3, batch=1, length=5)
@@ -183,8 +184,12 @@ def test_gpt2_generate_unchanged_at_full_density():
     assert torch.equal(model.generate(prompt, **kw), dense.generate(prompt, **kw))
     sparse = copy.deepcopy(dense)
     sfnn.convert(sparse, block_size=8, top_k=3, progress=False)
-    out = sparse.generate(prompt, **kw)  # decoding one token at a time through the sparse FFNs
+    out = sparse.generate(prompt, **kw)
     assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
+
+
+def test_gpt2_generate_unchanged_at_full_density():
+    _check_generate(tiny_gpt2(head=True))
 
 
 def test_gpt2_tanh_gelu_needs_an_explicit_activation():
@@ -235,16 +240,7 @@ def test_gated_avgk_scores_the_gate_keys_and_clusters_by_them():
 
 
 def test_llama_generate_unchanged_at_full_density_and_decodes_sparse():
-    dense = tiny_llama()
-    model = copy.deepcopy(dense)
-    sfnn.convert(model, block_size=8, density=1.0, progress=False)
-    prompt = ids(3, batch=1, length=5)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, **kw), dense.generate(prompt, **kw))
-    sparse = copy.deepcopy(dense)
-    sfnn.convert(sparse, block_size=8, top_k=3, progress=False)
-    out = sparse.generate(prompt, **kw)
-    assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
+    _check_generate(tiny_llama())
 
 
 def test_gated_calibrated_model_restores():

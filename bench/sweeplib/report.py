@@ -47,6 +47,22 @@ def density_label(rho: float) -> str:
     return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{rho:.3g}"
 
 
+def _target_line(hit: list, label: str, target: float, dense_name: str = "dense",
+                 load: bool = False) -> str | None:
+    """One case's torch-vs-dense line against ``target`` (``label: torch .. ms vs dense .. ms =
+    ..x (target >= ..x: PASS; fastest runs: ..x)``), or None without both rows."""
+    sparse = [r for r in hit if r["provider"] == "torch" and r["speedup_vs_dense"] != ""]
+    dense = [r for r in hit if r["provider"] == "dense"]
+    if not (sparse and dense):
+        return None
+    s = float(sparse[0]["speedup_vs_dense"])
+    best = float(dense[0]["ms_min"]) / float(sparse[0]["ms_min"])
+    tail = f"; load {fmt(sparse[0].get('load_1m', ''))}" if load else ""
+    return (f"{label}: torch {float(sparse[0]['ms']):.1f} ms vs {dense_name} "
+            f"{float(dense[0]['ms']):.1f} ms = {s:.2f}x (target >= {target}x: "
+            f"{'PASS' if s >= target else 'FAIL'}; fastest runs: {best:.2f}x{tail})")
+
+
 def acceptance_summary(rows: list) -> list:
     """Lines giving torch-vs-dense at the acceptance shape against its targets, idle and
     under contention."""
@@ -58,17 +74,10 @@ def acceptance_summary(rows: list) -> list:
         for mode, target in targets.items():
             hit = [r for r in rows if r["tag"] == "acceptance" and r["mode"] == mode
                    and int(r.get("contention") or 0) == busy]
-            sparse = [r for r in hit if r["provider"] == "torch" and r["speedup_vs_dense"] != ""]
-            dense = [r for r in hit if r["provider"] == "dense"]
-            if not (sparse and dense):
-                continue
-            s = float(sparse[0]["speedup_vs_dense"])
-            best = float(dense[0]["ms_min"]) / float(sparse[0]["ms_min"])
             cond = f"contention={busy}" if busy else "idle"
-            lines.append(
-                f"{mode} ({cond}): torch {float(sparse[0]['ms']):.1f} ms vs dense "
-                f"{float(dense[0]['ms']):.1f} ms = {s:.2f}x (target >= {target}x: "
-                f"{'PASS' if s >= target else 'FAIL'}; fastest runs: {best:.2f}x)")
+            line = _target_line(hit, f"{mode} ({cond})", target)
+            if line is not None:
+                lines.append(line)
     if lines:
         a = ACCEPTANCE
         head = (f"ACCEPTANCE T={a['tokens']} d_model={a['d_model']} d_ff={a['d_ff']} "
@@ -85,18 +94,10 @@ def _gated_summary(rows: list) -> list:
     for busy in sorted({int(r.get("contention") or 0) for r in tagged}):
         for mode, target in GATED_TARGETS.items():
             hit = [r for r in tagged if r["mode"] == mode and int(r.get("contention") or 0) == busy]
-            sparse = [r for r in hit if r["provider"] == "torch" and r["speedup_vs_dense"] != ""]
-            dense = [r for r in hit if r["provider"] == "dense"]
-            if not (sparse and dense):
-                continue
-            s = float(sparse[0]["speedup_vs_dense"])
-            best = float(dense[0]["ms_min"]) / float(sparse[0]["ms_min"])
-            cond = f"contention={busy}"
-            lines.append(
-                f"gated {mode} ({cond}): torch {float(sparse[0]['ms']):.1f} ms vs dense gated "
-                f"{float(dense[0]['ms']):.1f} ms = {s:.2f}x (target >= {target}x: "
-                f"{'PASS' if s >= target else 'FAIL'}; fastest runs: {best:.2f}x; load "
-                f"{fmt(sparse[0].get('load_1m', ''))})")
+            line = _target_line(hit, f"gated {mode} (contention={busy})", target,
+                                dense_name="dense gated", load=True)
+            if line is not None:
+                lines.append(line)
     if lines:
         a = GATED_ACCEPTANCE
         lines.insert(0, f"GATED ACCEPTANCE T={a['tokens']} d_model={a['d_model']} d_ff="
