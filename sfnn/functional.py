@@ -113,22 +113,21 @@ def _harmonise(named: dict) -> tuple[dict, str | None]:
     is an error, as it is for ``nn.Linear``). The returned device type names the autocast to
     suspend around the kernels.
     """
-    present = {k: v for k, v in named.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k}: {v.device}" for k, v in present.items())
+    present = [v for v in named.values() if v is not None]
+    device = present[0].device
+    if any(v.device != device for v in present):
+        listing = ", ".join(f"{k}: {v.device}" for k, v in named.items() if v is not None)
         raise ValueError(f"all tensors must be on one device; got {listing}")
-    device_type = next(iter(devices)).type
     autocast = None
-    if torch.is_autocast_enabled(device_type):
-        autocast = device_type
-        dtype = torch.get_autocast_dtype(device_type)
+    if torch.is_autocast_enabled(device.type):
+        autocast = device.type
+        dtype = torch.get_autocast_dtype(autocast)
         named = {k: (v if v is None or v.dtype == torch.float64 else v.to(dtype))
                  for k, v in named.items()}
-        present = {k: v for k, v in named.items() if v is not None}
-    dtypes = {v.dtype for v in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{k}: {v.dtype}" for k, v in present.items())
+        present = [v for v in named.values() if v is not None]
+    dtype = present[0].dtype
+    if any(v.dtype != dtype for v in present):
+        listing = ", ".join(f"{k}: {v.dtype}" for k, v in named.items() if v is not None)
         hint = ("torch.autocast leaves float64 tensors alone, as it does for nn.Linear"
                 if autocast else "or run under torch.autocast")
         raise TypeError(f"all tensors must share one dtype ({hint}); got {listing}")
@@ -542,7 +541,8 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
     if selection == "random":
         seed = selection_lib.resolve_seed(seed, x.device)
     lead = x.shape[:-1]
-    x2d = t["x"].reshape(-1, d_model)
+    flat = x.dim() == 2  # (T, d_model) already: no reshapes in or out (a decode step's shape)
+    x2d = t["x"] if flat else t["x"].reshape(-1, d_model)
     # Gradients the kernels compute (out_bias's is dy summed, taken by the op layer); a
     # router's gradient comes through the gates' gradient.
     kernel_grad = _needs_grad(x, keys, values, key_bias, router_weight, gate_keys, gate_bias)
@@ -581,6 +581,8 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
                                       t["out_bias"], sel.gates, block_size, activation, be,
                                       _deterministic(deterministic), kernel_grad,
                                       t["gate_keys"], t["gate_bias"])
+    if flat:
+        return (y2d, sel) if return_selection else y2d
     y = y2d.reshape(lead + (d_model,))
     if not return_selection:
         return y
