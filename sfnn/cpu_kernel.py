@@ -143,6 +143,16 @@ def unavailable_reason() -> str:
     return _load() or ""
 
 
+def avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias, *, top_k: int,
+                 block_size: int, activation: str, gate_keys=None, gate_bias=None):
+    """``(y, indices)``: :func:`select_blocks` then :func:`block_ffn_fwd` (no gates, nothing
+    saved) in one call, for inference. Shapes as there; indices int32 (T, top_k)."""
+    _require()
+    return torch.ops.sfnn_cpu.avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias,
+                                           int(top_k), int(block_size), str(activation),
+                                           gate_keys, gate_bias)
+
+
 def region_threads() -> int:
     """How many threads one of the kernel's parallel regions runs on: ``torch.get_num_threads()``
     when the build has OpenMP (every Linux build of a torch that uses OpenMP), 1 without it."""

@@ -568,19 +568,27 @@ def sparse_ffn(x: Tensor, keys: Tensor, values: Tensor, *, block_size: int, top_
             # FFN scores the gate table's block means.
             score_keys, score_bias = (gate_keys, gate_bias) if gated else (keys, key_bias)
             kbar, bbar = _means(score_keys, score_bias, block_size, be, means_cache)
-        sel = selection_lib.select(
-            x2d, selection, top_k=top_k, n_blocks=n_blocks, backend=be, route=route, kbar=kbar,
-            bbar=bbar, router_weight=router_weight, token_ids=ids, hash_table=hash_table,
-            seed=seed, balance_loss_weight=bw, z_loss_weight=zw)
-        if route == "composite":
-            y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], sel.indices,
-                                          t["key_bias"], t["out_bias"], sel.gates, block_size,
-                                          activation, t["gate_keys"], t["gate_bias"])
+        if selection == "avgk" and route is None:  # one fused step where the backend has it
+            y2d, idx = ops.avgk_ffn(x2d, kbar, bbar, t["keys"], t["values"], t["key_bias"],
+                                    t["out_bias"], top_k, block_size, activation, be,
+                                    _deterministic(deterministic), kernel_grad,
+                                    t["gate_keys"], t["gate_bias"])
+            sel = selection_lib.ungated(idx, x2d)
         else:
-            y2d, _, _ = ops.block_ffn(x2d, t["keys"], t["values"], sel.indices, t["key_bias"],
-                                      t["out_bias"], sel.gates, block_size, activation, be,
-                                      _deterministic(deterministic), kernel_grad,
-                                      t["gate_keys"], t["gate_bias"])
+            sel = selection_lib.select(
+                x2d, selection, top_k=top_k, n_blocks=n_blocks, backend=be, route=route,
+                kbar=kbar, bbar=bbar, router_weight=router_weight, token_ids=ids,
+                hash_table=hash_table, seed=seed, balance_loss_weight=bw, z_loss_weight=zw)
+            if route == "composite":
+                y2d = ops.block_ffn_composite(x2d, t["keys"], t["values"], sel.indices,
+                                              t["key_bias"], t["out_bias"], sel.gates,
+                                              block_size, activation, t["gate_keys"],
+                                              t["gate_bias"])
+            else:
+                y2d, _, _ = ops.block_ffn(x2d, t["keys"], t["values"], sel.indices,
+                                          t["key_bias"], t["out_bias"], sel.gates, block_size,
+                                          activation, be, _deterministic(deterministic),
+                                          kernel_grad, t["gate_keys"], t["gate_bias"])
     if flat:
         return (y2d, sel) if return_selection else y2d
     y = y2d.reshape(lead + (d_model,))

@@ -16,6 +16,10 @@ Every backend provides the same functions (the backend protocol):
   (:data:`GRAD_NAMES` order); an output not needed (or of an absent input) is None, and the
   work only it needs is skipped
 - ``route_numel(T, top_k, n_blocks, deterministic) -> int``
+- optionally ``avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias, *, top_k,
+  block_size, activation, gate_keys=None, gate_bias=None) -> (y, indices)``: ``select_blocks``
+  then ``block_ffn_fwd`` (no gates, nothing saved) in one step, for inference (:func:`avgk_ffn`;
+  the torch path's CPU kernel and the CUDA extension have one)
 
 Gated FFNs (SwiGLU, GeGLU): with ``gate_keys`` (d_ff, d_model) (and optionally ``gate_bias``
 (d_ff,)) the cell is ``h_i = act(x.kg_i + bg_i) * (x.ku_i + bu_i)``, ``keys``/``key_bias``
@@ -31,10 +35,10 @@ They receive contiguous tensors with T >= 1. The ops registered here (namespace 
 them so that ``torch.compile`` traces the layer without graph breaks: ``sfnn::block_means``,
 ``sfnn::select_blocks``, ``sfnn::block_ffn`` (with autograd) and ``sfnn::block_ffn_backward``.
 Optional tensors that an op returns are empty tensors when absent (ops cannot return None).
-The functional API calls them through :func:`block_means`, :func:`select_blocks` and
-:func:`block_ffn`, which run an op's Python body directly when nothing needs the dispatcher
-(eager inference on plain tensors: :func:`_direct`), the same computation without its
-per-call cost.
+The functional API calls them through :func:`block_means`, :func:`select_blocks`,
+:func:`block_ffn` and :func:`avgk_ffn`, which run an op's Python body (or a backend's fused
+inference step) directly when nothing needs the dispatcher (eager inference on plain tensors:
+:func:`_direct`), the same computation without its per-call cost.
 
 Where the registered ops cannot serve, this layer also routes (:func:`transform_route`): under
 forward-mode AD and ``torch.func`` transforms, and for double backward, the layer is computed
@@ -118,9 +122,20 @@ def _triton_interpreting() -> bool:
     return INTERPRET
 
 
+@functools.cache
 def _cuda_backend() -> SimpleNamespace:
     """The CUDA extension's decode kernels, forward only; block means come from the torch path."""
     ext = _cuda_ext()
+
+    def avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias, *, top_k, block_size,
+                     activation, gate_keys=None, gate_bias=None):
+        if gate_keys is None:  # one launch: selection and FFN fused
+            return ext.decode_step(x2d, kbar, bbar, keys, values, key_bias, out_bias,
+                                   top_k=top_k, block_size=block_size, activation=activation)
+        indices = ext.decode_select(x2d, kbar, bbar, top_k)  # decode_step has no gated variant
+        return ext.decode_ffn(x2d, keys, values, indices, key_bias, out_bias, None,
+                              block_size=block_size, activation=activation,
+                              gate_keys=gate_keys, gate_bias=gate_bias), indices
 
     def block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
                       activation, save_for_backward, deterministic, gate_keys=None,
@@ -136,7 +151,7 @@ def _cuda_backend() -> SimpleNamespace:
 
     return SimpleNamespace(block_means=torch_path.block_means, select_blocks=ext.decode_select,
                            block_ffn_fwd=block_ffn_fwd, block_ffn_bwd=block_ffn_bwd,
-                           route_numel=lambda *args: 0)
+                           avgk_ffn_fwd=avgk_ffn_fwd, route_numel=lambda *args: 0)
 
 
 def backend_unavailable_reason(backend: str, device: torch.device,
@@ -357,6 +372,36 @@ def block_ffn(*args):
     """:data:`block_ffn_op` (same arguments), or its body where nothing needs the dispatcher
     (:func:`_direct`: no gradient is recorded, so nothing is saved either)."""
     return (_block_ffn if _direct(*args) else block_ffn_op)(*args)
+
+
+def avgk_ffn(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, keys: Tensor, values: Tensor,
+             key_bias: Tensor | None, out_bias: Tensor | None, top_k: int, block_size: int,
+             activation: str, backend: str, deterministic: bool, save_for_backward: bool,
+             gate_keys: Tensor | None = None,
+             gate_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Avg-K selection, then the block FFN over the chosen blocks (no gates): ``(y (T,
+    d_model), indices int32 (T, top_k))``. Arguments as :data:`select_blocks_op` and
+    :data:`block_ffn_op`.
+
+    For inference (:func:`_direct` holds and nothing is saved) a backend with a fused step
+    (``avgk_ffn_fwd``: the CPU kernel's one call, the CUDA extension's ``decode_step``) runs it;
+    otherwise the two registered ops, ``x2d`` detached for the selection (whose indices take no
+    gradient)."""
+    if not save_for_backward and x2d.shape[0] and _direct(x2d, kbar, bbar, keys, values,
+                                                          key_bias, out_bias, gate_keys,
+                                                          gate_bias):
+        fused = getattr(_impl(backend), "avgk_ffn_fwd", None)
+        if fused is not None:
+            _check_gated_backend(backend, gate_keys, gate_bias)
+            return fused(x2d.contiguous(), kbar.contiguous(), _contig(bbar), keys.contiguous(),
+                         values.contiguous(), _contig(key_bias), _contig(out_bias), top_k=top_k,
+                         block_size=block_size, activation=activation,
+                         gate_keys=_contig(gate_keys), gate_bias=_contig(gate_bias))
+    indices = select_blocks(x2d.detach(), kbar, bbar, top_k, backend)
+    y, _, _ = block_ffn(x2d, keys, values, indices, key_bias, out_bias, None, block_size,
+                        activation, backend, deterministic, save_for_backward, gate_keys,
+                        gate_bias)
+    return y, indices
 
 
 @block_ffn_op.register_fake

@@ -281,19 +281,17 @@ def select(x2d: Tensor, method: str, *, top_k: int, n_blocks: int, backend: str,
     d_model). token_ids (hash): (T,) integer, in range. hash_table (hash): (vocab, top_k) int.
     seed (random): int or int64 () tensor (see :func:`resolve_seed`).
 
-    Returns a 2-D :class:`Selection` (indices (T, top_k)).
+    Returns a 2-D :class:`Selection` (indices (T, top_k)). (On the registered ops' route
+    :func:`sfnn.sparse_ffn` runs Avg-K as one step with the FFN, :func:`sfnn.ops.avgk_ffn`,
+    whose indices are the same, and wraps them with :func:`ungated`.)
     """
-    acc = ops.means_dtype(x2d.dtype)
-    zero = torch.zeros((), dtype=acc, device=x2d.device)
     T = x2d.shape[0]
     if method == "avgk":
-        return Selection(avgk_indices(x2d, kbar, bbar, top_k, backend, route), None, zero, zero,
-                         zero)
+        return ungated(avgk_indices(x2d, kbar, bbar, top_k, backend, route), x2d)
     if method == "hash":
-        return Selection(hash_indices(token_ids, hash_table), None, zero, zero, zero)
+        return ungated(hash_indices(token_ids, hash_table), x2d)
     if method == "random":
-        idx = random_blocks(T, n_blocks, top_k, seed, device=x2d.device)
-        return Selection(idx, None, zero, zero, zero)
+        return ungated(random_blocks(T, n_blocks, top_k, seed, device=x2d.device), x2d)
     if method not in ROUTER_METHODS:
         raise ValueError(f"selection must be one of {METHODS}, got {method!r}")
     logits = router_logits(x2d, router_weight)  # [T, n_blocks]
@@ -308,6 +306,13 @@ def select(x2d: Tensor, method: str, *, top_k: int, n_blocks: int, backend: str,
     z = lse.square().sum() / max(T, 1)
     aux = balance_loss_weight * bal + z_loss_weight * z
     return Selection(idx, gates, aux, bal, z)
+
+
+def ungated(indices: Tensor, x2d: Tensor) -> Selection:
+    """The :class:`Selection` of a method without gates or auxiliary loss (avgk, hash, random):
+    ``indices`` and zero losses in :func:`sfnn.ops.means_dtype` of ``x2d`` (on its device)."""
+    zero = torch.zeros((), dtype=ops.means_dtype(x2d.dtype), device=x2d.device)
+    return Selection(indices, None, zero, zero, zero)
 
 
 def avgk_indices(x2d: Tensor, kbar: Tensor, bbar: Tensor | None, top_k: int, backend: str,

@@ -182,6 +182,27 @@ def block_ffn_fwd(
                                  save_for_backward=save_for_backward)
 
 
+def avgk_ffn_fwd(
+    x2d: Tensor, kbar: Tensor, bbar: Tensor | None, keys: Tensor, values: Tensor,
+    key_bias: Tensor | None, out_bias: Tensor | None, *, top_k: int, block_size: int,
+    activation: str, gate_keys: Tensor | None = None, gate_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Inference: ``(y (T, d_model), indices int32 (T, top_k))``, :func:`select_blocks` then
+    :func:`block_ffn_fwd` without gates and saving nothing. The CPU kernel does both in one
+    call (float64 selects on torch ops, as in :func:`select_blocks`)."""
+    kernel = _cpu_kernel(x2d)
+    if kernel is not None and x2d.dtype != torch.float64 and kbar.dtype != torch.float64:
+        return kernel.avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias,
+                                   top_k=top_k, block_size=block_size, activation=activation,
+                                   gate_keys=gate_keys, gate_bias=gate_bias)
+    indices = select_blocks(x2d, kbar, bbar, top_k)
+    y, _, _ = block_ffn_fwd(x2d, keys, values, indices, key_bias, out_bias, None,
+                            block_size=block_size, activation=activation,
+                            save_for_backward=False, deterministic=False, gate_keys=gate_keys,
+                            gate_bias=gate_bias)
+    return y, indices
+
+
 def few_token_fwd(
     x2d: Tensor, keys: Tensor, values: Tensor, indices: Tensor,
     key_bias: Tensor | None, out_bias: Tensor | None, gates: Tensor | None, *,

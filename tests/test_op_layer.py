@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 from _cases import backend_device, make_problem, upcast
 
 import sfnn
-from sfnn import ops, torch_path
+from sfnn import cpu_kernel, ops, torch_path
 from sfnn.reference import block_ffn_ref, select_blocks_ref, sparse_ffn_ref
 from sfnn.testing import assert_close
 
@@ -314,7 +314,8 @@ def test_only_out_bias_gradient_runs_no_backward_kernel(monkeypatch):
 # the eager fast path: a registered op's body without the dispatcher where nothing needs it -----
 
 def _spy_ops(monkeypatch):
-    """Record which door each forward op went through: "op" (the registered op) or "body"."""
+    """Record which door each forward op went through: "op" (the registered op), "body", or
+    "fused" (the torch backend's one-call Avg-K step, ``avgk_ffn``)."""
     seen = []
     for name in ("block_means", "select_blocks", "block_ffn"):
         op, body = getattr(ops, f"{name}_op"), getattr(ops, f"_{name}")
@@ -329,28 +330,112 @@ def _spy_ops(monkeypatch):
 
         monkeypatch.setattr(ops, f"{name}_op", spy)
         monkeypatch.setattr(ops, f"_{name}", spy_body)
+
+    def spy_fused(*a, _fused=torch_path.avgk_ffn_fwd, **k):
+        seen.append(("avgk_ffn", "fused"))
+        return _fused(*a, **k)
+
+    monkeypatch.setattr(torch_path, "avgk_ffn_fwd", spy_fused)
     return seen
 
 
-def test_inference_calls_run_the_ops_bodies_with_the_same_bits(monkeypatch):
-    """No gradient recorded (no_grad, or nothing requires grad): every forward op runs as its
-    body, for a layer's nn.Parameters too, with the registered op's result bit for bit."""
-    ffn = sfnn.SparseFFN(24, 96, block_size=8, top_k=3, activation="gelu", backend="torch")
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_inference_calls_take_the_fused_step_with_the_same_bits(monkeypatch, gated):
+    """No gradient recorded (no_grad, or nothing requires grad): the block means run as their
+    op's body and selection + FFN as the backend's one fused step, for a layer's nn.Parameters
+    too, with the registered ops' result bit for bit."""
+    ffn = sfnn.SparseFFN(24, 96, block_size=8, top_k=3, activation="gelu", backend="torch",
+                         gated=gated)
     x = torch.randn(5, 24)
-    with torch.no_grad():
-        want = ffn(x)
     seen = _spy_ops(monkeypatch)
+    want = ffn(x).detach()  # a gradient to record: the registered ops
+    assert ("block_ffn", "op") in seen and ("avgk_ffn", "fused") not in seen, seen
+    # Without the CPU kernel a short no-grad forward takes the few-token loop, which rounds
+    # differently from the grouped one a recorded forward takes.
+    def same(a, b):
+        if cpu_kernel.available():
+            return torch.equal(a, b)
+        assert_close(a, b, name="y")
+        return True
+
+    seen.clear()
     with torch.no_grad():
         got = ffn(x)
-    assert torch.equal(got, want)
-    assert seen and {door for _, door in seen} == {"body"}, seen
+    assert same(got, want)
+    assert set(seen) == {("block_means", "body"), ("avgk_ffn", "fused")}, seen
     seen.clear()
     keys, values = ffn.key_weight.detach(), ffn.value_weight.detach()
-    got = sfnn.sparse_ffn(x, keys, values, block_size=8, top_k=3, activation="gelu",
-                          key_bias=ffn.key_bias.detach(), out_bias=ffn.out_bias.detach(),
-                          backend="torch")
-    assert torch.equal(got, want)
-    assert {door for _, door in seen} == {"body"}, seen
+    gated_kw = dict(gate_keys=ffn.gate_weight.detach(),
+                    gate_bias=ffn.gate_bias.detach()) if gated else {}
+    got, sel = sfnn.sparse_ffn(x, keys, values, block_size=8, top_k=3, activation="gelu",
+                               key_bias=ffn.key_bias.detach(), out_bias=ffn.out_bias.detach(),
+                               backend="torch", return_selection=True, **gated_kw)
+    assert same(got, want)
+    assert set(seen) == {("block_means", "body"), ("avgk_ffn", "fused")}, seen
+    assert sel.indices.dtype == torch.int32 and sel.indices.shape == (5, 3) and sel.gates is None
+    assert sel.aux_loss.dtype == torch.float32 and float(sel.aux_loss) == 0.0
+
+
+def test_avgk_ffn_takes_the_two_ops_when_it_must():
+    """Saving for a backward, or no tokens: the registered ops' composition, not the fused
+    step; the results have the shapes the fused step's would."""
+    x, keys, values, kb, ob = make_problem(4, 16, 64)
+    kbar, bbar = torch_path.block_means(keys, kb, 8)
+    args = (kbar, bbar, keys, values, kb, ob, 3, 8, "relu", "torch", False)
+    y_fused, idx_fused = ops.avgk_ffn(x, *args, False)
+    y_saved, idx_saved = ops.avgk_ffn(x, *args, True)
+    assert torch.equal(idx_saved, idx_fused)
+    assert_close(y_saved, y_fused, name="y")
+    y0, idx0 = ops.avgk_ffn(x[:0], *args, False)
+    assert y0.shape == (0, 16) and idx0.shape == (0, 3) and idx0.dtype == torch.int32
+
+
+def test_cuda_backend_fuses_selection_and_ffn_in_decode_step(monkeypatch):
+    """The CUDA backend's fused step is the extension's decode_step (one launch); a gated call,
+    which decode_step does not serve, is decode_select then decode_ffn. Checked on the CPU with
+    a stand-in extension made of the torch path's functions."""
+    calls = []
+
+    def decode_step(x2d, kbar, bbar, keys, values, key_bias, out_bias, *, top_k, block_size,
+                    activation):
+        calls.append("decode_step")
+        return torch_path.avgk_ffn_fwd(x2d, kbar, bbar, keys, values, key_bias, out_bias,
+                                       top_k=top_k, block_size=block_size,
+                                       activation=activation)
+
+    def decode_select(x2d, kbar, bbar, top_k):
+        calls.append("decode_select")
+        return torch_path.select_blocks(x2d, kbar, bbar, top_k)
+
+    def decode_ffn(x2d, keys, values, indices, key_bias, out_bias, gates, *, block_size,
+                   activation, gate_keys=None, gate_bias=None):
+        calls.append(("decode_ffn", gate_keys is not None))
+        return torch_path.block_ffn_fwd(
+            x2d, keys, values, indices, key_bias, out_bias, gates, block_size=block_size,
+            activation=activation, save_for_backward=False, deterministic=False,
+            gate_keys=gate_keys, gate_bias=gate_bias)[0]
+
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(decode_step=decode_step, decode_select=decode_select,
+                           decode_ffn=decode_ffn)
+    monkeypatch.setattr(ops, "_cuda_ext", lambda: fake)
+    ops._cuda_backend.cache_clear()
+    try:
+        x, keys, values, kb, ob = make_problem(2, 16, 64)
+        kbar, bbar = torch_path.block_means(keys, kb, 8)
+        args = (x, kbar, bbar, keys, values, kb, ob, 3, 8, "gelu", "cuda", False, False)
+        y, idx = ops.avgk_ffn(*args)
+        assert calls == ["decode_step"]
+        want = sparse_ffn_ref(x, keys, values, block_size=8, top_k=3, key_bias=kb, out_bias=ob,
+                              activation="gelu")
+        assert_close(y, want, name="y")
+        calls.clear()
+        gk = make_problem(1, 16, 64)[1]
+        ops.avgk_ffn(*args, gk, None)
+        assert calls == ["decode_select", ("decode_ffn", True)]
+    finally:
+        ops._cuda_backend.cache_clear()
 
 
 def test_calls_that_need_the_dispatcher_go_through_the_registered_ops(monkeypatch):
