@@ -279,12 +279,13 @@ void sum_accumulators(at::Tensor& out, const std::vector<at::Tensor>& acc,
 constexpr int64_t kGemvGroup = 4;      // token rows per pass over a block's rows
 constexpr int64_t kGemvMaxRows = 8;    // blocks with more pairs go through ATen's GEMMs
 constexpr int kLanes = 16;             // partial sums per (key row, token) dot product
+constexpr int64_t kFewTokenRows = 16;  // selections of at most this many tokens split by block
 
 // Key / value rows per step for N token rows: R * N * kLanes independent partial sums (one
 // chain per dot product would wait on the FMA latency, not the loads), each x / y element
 // loaded once per R rows; fewer rows for more tokens keep the sums in registers.
 template <int N>
-constexpr int kGemvRows = N <= 2 ? 4 : 2;
+constexpr int kGemvRows = N == 1 ? 8 : N == 2 ? 4 : 2;
 
 template <typename A>
 A activate_scalar(A a, Act act) {
@@ -312,8 +313,12 @@ void dot_rows(const T* k, const A* x, int64_t d, A (&out)[R][N]) {
   }
   for (int j = 0; j < R; ++j) {
     for (int i = 0; i < N; ++i) {
-      A s = 0;
-      for (int l = 0; l < kLanes; ++l) s += acc[j][i][l];
+      // A tree over the lanes: a few vector adds, where a running sum was 15 dependent ones
+      // (as long as the dot product itself at d_model 512).
+      A* lanes = acc[j][i];
+      for (int w = kLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+      A s = lanes[0];
       for (int64_t cc = c; cc < d; ++cc) {
         s += static_cast<A>(k[j * d + cc]) * x[i * d + cc];
       }
@@ -846,6 +851,35 @@ at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
   TORCH_CHECK(top_k >= 1 && top_k <= n_blocks, "sfnn_cpu: top_k must be in [1, n_blocks]");
   at::Tensor out = at::empty({T, top_k}, x.options().dtype(at::kInt));
   if (T == 0) return out;
+  if (T <= kFewTokenRows) {
+    // Decoding: split the scores over blocks instead of tokens, so that every thread reads its
+    // share of kbar (4 MiB at d_model 4096: the largest read of a decoded token's selection);
+    // at least 512 KiB of it per thread (below that one thread beats a region's start).
+    at::Tensor scores = at::empty({n_blocks, T}, kbar.options());  // block-major
+    const at::Tensor xt = x.to(at::kFloat).t();
+    const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 19) / (x.size(1) * 4));
+    at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+      const WorkerScope scope;
+      at::Tensor part = scores.narrow(0, b0, b1 - b0);
+      const at::Tensor kpart = kbar.narrow(0, b0, b1 - b0);
+      if (bbar.defined()) {
+        at::addmm_out(part, bbar.narrow(0, b0, b1 - b0).unsqueeze(1), kpart, xt);
+      } else {
+        at::mm_out(part, kpart, xt);
+      }
+    });
+    const float* sp = scores.data_ptr<float>();
+    int32_t* o = out.data_ptr<int32_t>();
+    std::vector<int64_t> keys(static_cast<size_t>(n_blocks));
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < n_blocks; ++b) keys[b] = score_key(sp[b * T + t], b, n_blocks);
+      std::partial_sort(keys.begin(), keys.begin() + top_k, keys.end(), std::greater<>());
+      for (int64_t j = 0; j < top_k; ++j) {
+        o[t * top_k + j] = static_cast<int32_t>(n_blocks - 1 - (keys[j] & 0xFFFFFFFF));
+      }
+    }
+    return out;
+  }
   // Token rows per GEMM: their scores, (rows, n_blocks) fp32, stay within ~256 KiB.
   const int64_t chunk = std::clamp<int64_t>(int64_t{65536} / n_blocks, 16, 512);
   at::parallel_for(0, T, chunk, [&](int64_t t_begin, int64_t t_end) {

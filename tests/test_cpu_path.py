@@ -478,12 +478,16 @@ def test_kernel_past_65536_tokens(kernel):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("T, d, nb, k", [(1, 64, 128, 16), (700, 24, 9, 4), (33, 40, 520, 64)],
-                         ids=["T1-nb128-k16", "T700-nb9-k4-chunks", "T33-nb520-k64"])
+@pytest.mark.parametrize("T, d, nb, k", [(1, 64, 128, 16), (16, 64, 4100, 8), (700, 24, 9, 4),
+                                         (33, 40, 520, 64)],
+                         ids=["T1-nb128-k16", "T16-nb4100-k8-blocks-split", "T700-nb9-k4-chunks",
+                              "T33-nb520-k64"])
 def test_kernel_selects_as_the_torch_path(kernel, monkeypatch, T, d, nb, k, dtype):
     """The kernel's one-region selection gives the torch path's indices: exactly on exact
     (integer) scores with many ties and on rows of NaN or inf, and the same top scores, best
-    first, on random data (the score GEMMs may round differently)."""
+    first, on random data (the score GEMMs may round differently). Up to 16 tokens the scores
+    are split over blocks (across threads once kbar passes 512 KiB per thread: nb 4100 at d
+    64), more tokens split over tokens."""
     gen = _gen(T + nb)
     xi = torch.randint(-2, 3, (T, d), generator=gen).to(dtype)
     ki = torch.randint(-2, 3, (nb, d), generator=gen).float()
