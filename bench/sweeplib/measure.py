@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -67,9 +68,13 @@ def _quantiles(samples_ms: list) -> tuple:
 
 def time_cpu(fns: dict, budget_s: float, min_reps: int = 5, max_reps: int = 50) -> dict:
     """Interleaved perf_counter timing: one warm-up call each, then rounds in which every
-    provider runs once (the order rotated each round), until ``min_reps`` rounds and
-    ``budget_s`` seconds (or ``max_reps``). Returns name -> (median, p20, p80, min, reps) in
-    ms, reps being the number of timed rounds."""
+    provider runs once, in a fresh random order each round (seeded), until ``min_reps`` rounds
+    and ``budget_s`` seconds (or ``max_reps``). Returns name -> (median, p20, p80, min, reps)
+    in ms, reps being the number of timed rounds.
+
+    Random orders, not rotated ones: a call's time depends on what ran just before it (what
+    it left in or evicted from the caches: 10-20% for a decoded token), and a rotation gives
+    each provider the same predecessor in most rounds."""
     names = list(fns)
     round_s = 0.0
     for n in names:
@@ -78,9 +83,10 @@ def time_cpu(fns: dict, budget_s: float, min_reps: int = 5, max_reps: int = 50) 
         round_s += time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, budget_s // max(round_s, 1e-9))))
     samples = {n: [] for n in names}
-    for r in range(reps):
-        for i in range(len(names)):
-            n = names[(i + r) % len(names)]
+    order, rng = list(names), random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for n in order:
             t0 = time.perf_counter()
             fns[n]()
             samples[n].append((time.perf_counter() - t0) * 1e3)
