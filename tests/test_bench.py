@@ -223,3 +223,43 @@ def test_cuda_timer_shape(monkeypatch):
     assert calls[0][:3] == [0.5, 0.2, 0.8]
     cpu = sweep.time_cpu({"a": lambda: None}, budget_s=0.0, min_reps=3)
     assert len(cpu["a"]) == 5 and cpu["a"][4] == 3
+
+
+def test_cpu_timer_runs_its_rounds_in_random_orders():
+    """Every provider follows every other one in some round (a rotation gave each provider the
+    same predecessor in most rounds), and the orders repeat run to run (seeded)."""
+    def orders():
+        calls = []
+        fns = {n: (lambda n=n: calls.append(n)) for n in "abcd"}
+        sweep.time_cpu(fns, budget_s=0.0, min_reps=40, max_reps=40)
+        return calls[4:]  # after one warm-up call each
+
+    calls = orders()
+    rounds = [calls[i:i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 40 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({(r[i], r[i + 1]) for r in rounds for i in range(3)}) == 12  # every ordered pair
+    assert orders() == calls
+
+
+@pytest.mark.parametrize("mode, own", [("decode", True), ("forward", False)])
+def test_cpu_decode_providers_get_their_own_weights(monkeypatch, mode, own):
+    """On the CPU a decode case builds one problem (same values, separate tensors) per
+    provider, so that none finds another's rows in cache; other modes share one."""
+    from sweeplib import runner
+
+    seen = {}
+    real = runner.make_runner
+
+    def spy(prov, pb):
+        seen[prov] = pb
+        return real(prov, pb)
+
+    monkeypatch.setattr(runner, "make_runner", spy)
+    case = sweep.Case(2, 16, 64, 16, 2, mode, providers=("dense", "gather", "torch"))
+    ceilings = runner.Ceilings({"float32": 1.0}, 1.0, "test")
+    rows = runner._run_case(case, "cpu", ceilings, {}, 0.0, {}, lambda *a: None, [])
+    assert {r["provider"] for r in rows} == {"dense", "gather", "torch"}
+    keys = [pb.keys for pb in seen.values()]
+    assert all(torch.equal(k, keys[0]) for k in keys)
+    distinct = len({k.data_ptr() for k in keys})
+    assert distinct == (3 if own else 1)
