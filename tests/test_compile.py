@@ -46,19 +46,25 @@ def test_opcheck_registered_ops(backend):
                                16, "relu", backend, False, needs))
 
 
-def test_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_compile_fullgraph_forward_and_backward(gated):
     torch._dynamo.reset()
-    ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, activation="gelu", backend="torch")
+    act = "silu" if gated else "gelu"
+    ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, activation=act, backend="torch",
+                         gated=gated)
     compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 9, 16, requires_grad=True)
     y = compiled(x)
     y.sum().backward()
     ref_x = x.detach().clone().requires_grad_()
     ref = sparse_ffn_ref(ref_x, ffn.key_weight, ffn.value_weight, block_size=16, top_k=2,
-                         key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="gelu")
+                         key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation=act,
+                         gate_keys=ffn.gate_weight, gate_bias=ffn.gate_bias)
     ref.sum().backward()
     assert_close(y, ref, name="y")
     assert_close(x.grad, ref_x.grad, name="dx")
+    if gated:
+        assert ffn.gate_weight.grad is not None and ffn.gate_bias.grad is not None
     # a new token count reuses the graph (dynamic shapes) or recompiles, never breaks
     compiled(torch.randn(5, 16)).sum().backward()
 

@@ -1,7 +1,7 @@
 """Gated FFNs (issue 11: SwiGLU, GeGLU): the torch path against the dense-masked reference and
 the dense gated FFN, every gradient (gradcheck in float64, subsets of ``needs``), random shapes,
-the registered ops (opcheck, torch.compile), the module (from_dense_gated, checkpoints), the
-selection methods' gates, backend routing and bad input."""
+the registered ops (opcheck; torch.compile is in test_compile.py), the module
+(from_dense_gated, checkpoints), the selection methods' gates, backend routing and bad input."""
 from __future__ import annotations
 
 import io
@@ -322,7 +322,7 @@ def test_double_backward_and_torch_func():
         assert_close(per[i], torch.func.grad(loss(ref))(xs[i]), name=f"vmap(grad)[{i}]")
 
 
-# -- registered ops: opcheck, torch.compile ----------------------------------------------------
+# -- registered ops: opcheck ---------------------------------------------------------------------
 
 def test_opcheck_gated_ops():
     x, keys, values, kb, ob = make_problem(12, 16, 64)
@@ -345,22 +345,7 @@ def test_opcheck_gated_ops():
                                route, 16, "silu", "torch", False, needs, gk, gb))
 
 
-def test_compile_fullgraph_gated_layer():
-    torch._dynamo.reset()
-    ffn = sfnn.SparseFFN(16, 64, block_size=16, top_k=2, activation="silu", backend="torch",
-                         gated=True)
-    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 9, 16, requires_grad=True)
-    y = compiled(x)
-    y.sum().backward()
-    ref_x = x.detach().clone().requires_grad_()
-    ref = sparse_ffn_ref(ref_x, ffn.key_weight, ffn.value_weight, block_size=16, top_k=2,
-                         key_bias=ffn.key_bias, out_bias=ffn.out_bias, activation="silu",
-                         gate_keys=ffn.gate_weight, gate_bias=ffn.gate_bias)
-    ref.sum().backward()
-    assert_close(y, ref, name="y")
-    assert_close(x.grad, ref_x.grad, name="dx")
-    assert ffn.gate_weight.grad is not None and ffn.gate_bias.grad is not None
+# torch.compile(fullgraph=True) of a gated layer: test_compile.py, parametrized with the plain one.
 
 
 # -- the module ----------------------------------------------------------------------------
