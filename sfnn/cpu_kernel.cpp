@@ -313,8 +313,7 @@ void dot_rows(const T* k, const A* x, int64_t d, A (&out)[R][N]) {
   }
   for (int j = 0; j < R; ++j) {
     for (int i = 0; i < N; ++i) {
-      // A tree over the lanes: a few vector adds, where a running sum was 15 dependent ones
-      // (as long as the dot product itself at d_model 512).
+      // A tree over the lanes: a few vector adds instead of 15 dependent scalar ones per row.
       A* lanes = acc[j][i];
       for (int w = kLanes / 2; w > 0; w /= 2)
         for (int l = 0; l < w; ++l) lanes[l] += lanes[l + w];
@@ -837,6 +836,17 @@ inline int64_t score_key(float s, int64_t b, int64_t n_blocks) {
   return (static_cast<int64_t>(bits) << 32) | (n_blocks - 1 - b);
 }
 
+// out[0 .. top_k) = one token's top_k blocks, best first, from its scores s[b * step] (keys:
+// scratch of n_blocks entries).
+void top_blocks(const float* s, int64_t step, int64_t n_blocks, int64_t top_k,
+                std::vector<int64_t>& keys, int32_t* out) {
+  for (int64_t b = 0; b < n_blocks; ++b) keys[b] = score_key(s[b * step], b, n_blocks);
+  std::partial_sort(keys.begin(), keys.begin() + top_k, keys.end(), std::greater<>());
+  for (int64_t j = 0; j < top_k; ++j) {
+    out[j] = static_cast<int32_t>(n_blocks - 1 - (keys[j] & 0xFFFFFFFF));
+  }
+}
+
 at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
                          const std::optional<at::Tensor>& bbar_in, int64_t top_k) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "sfnn_cpu: x must be a CPU (T, d)");
@@ -871,13 +881,7 @@ at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
     const float* sp = scores.data_ptr<float>();
     int32_t* o = out.data_ptr<int32_t>();
     std::vector<int64_t> keys(static_cast<size_t>(n_blocks));
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t b = 0; b < n_blocks; ++b) keys[b] = score_key(sp[b * T + t], b, n_blocks);
-      std::partial_sort(keys.begin(), keys.begin() + top_k, keys.end(), std::greater<>());
-      for (int64_t j = 0; j < top_k; ++j) {
-        o[t * top_k + j] = static_cast<int32_t>(n_blocks - 1 - (keys[j] & 0xFFFFFFFF));
-      }
-    }
+    for (int64_t t = 0; t < T; ++t) top_blocks(sp + t, T, n_blocks, top_k, keys, o + t * top_k);
     return out;
   }
   // Token rows per GEMM: their scores, (rows, n_blocks) fp32, stay within ~256 KiB.
@@ -892,11 +896,7 @@ at::Tensor select_blocks(const at::Tensor& x_in, const at::Tensor& kbar_in,
       const at::Tensor sc = bbar.defined() ? at::addmm(bbar, xs, kbar.t()) : at::mm(xs, kbar.t());
       const float* sp = sc.data_ptr<float>();
       for (int64_t i = 0; i < m; ++i) {
-        for (int64_t b = 0; b < n_blocks; ++b) keys[b] = score_key(sp[i * n_blocks + b], b, n_blocks);
-        std::partial_sort(keys.begin(), keys.begin() + top_k, keys.end(), std::greater<>());
-        for (int64_t j = 0; j < top_k; ++j) {
-          o[(t0 + i) * top_k + j] = static_cast<int32_t>(n_blocks - 1 - (keys[j] & 0xFFFFFFFF));
-        }
+        top_blocks(sp + i * n_blocks, 1, n_blocks, top_k, keys, o + (t0 + i) * top_k);
       }
     }
   });
